@@ -1,0 +1,57 @@
+"""``batchnorm info``: what is installed and which kernel runs for which input."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect() -> dict:
+    """Versions, thread counts and the kernel table, as plain data."""
+    import batchnorm
+    from batchnorm.kernels import _dispatch
+
+    info: dict = {
+        "batchnorm": batchnorm.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
+        "versions": {p: _version(p) for p in ("numpy", "numba", "torch", "triton", "matplotlib", "rich")},
+        "threads": _dispatch.num_threads(),
+        "kernels": _dispatch.backend_table(),
+    }
+    return info
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the information as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]batchnorm {info['batchnorm']}[/bold]  python {info['python']}  ({info['machine']})")
+    console.print("  ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    console.print(f"kernel threads: {info['threads']}")
+    table = Table(title="Kernel dispatch")
+    for column in ("input", "layout", "kernel"):
+        table.add_column(column)
+    for row in info["kernels"]:
+        table.add_row(row["input"], row["layout"], row["kernel"])
+    console.print(table)
+    return 0

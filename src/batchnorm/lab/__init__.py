@@ -1,0 +1,1 @@
+"""The BN lab: experiments on real data that show what batch normalization does."""

@@ -1,0 +1,1 @@
+"""From training to deployment: fold, recalibrate, freeze, convert, diagnose, distribute."""
