@@ -1,0 +1,107 @@
+"""The kernel contract on torch tensors: one function per kernel, dispatched by device.
+
+CPU tensors run the numba kernels on zero-copy NumPy views; CUDA tensors run the Triton
+kernels (``batchnorm.kernels.triton``), imported only when a CUDA tensor arrives. No autograd
+here: ``functional`` and the modules build their gradients from these pieces.
+
+float16 and bfloat16 inputs are computed in float32 (NumPy has no bfloat16) and cast back;
+statistics come back in the compute dtype (float64 for float64 input, float32 otherwise).
+
+Functions (same names and meaning as ``batchnorm.kernels``)::
+
+    forward_train(x, weight, bias, eps)        -> (y, mean, var, invstd)   var biased
+    normalize(x, mean, invstd, weight, bias)   -> y = (x - mean) * invstd * weight + bias
+    channel_stats(x)                           -> (mean, var)
+    backward_reduce(dy, x, mean, invstd)       -> (sum_dy, sum_dy_xhat)
+    backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count) -> dx
+    backward(dy, x, mean, invstd, weight)      -> (dx, dweight, dbias)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from batchnorm import kernels as cpu_kernels
+
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
+def _backend(x: torch.Tensor) -> Any:
+    if x.device.type == "cpu":
+        return None
+    if x.device.type == "cuda":
+        from batchnorm.kernels import triton as gpu_kernels
+
+        return gpu_kernels
+    raise NotImplementedError(
+        f"batchnorm has kernels for CPU and CUDA tensors, got a tensor on {x.device}; "
+        "move it to the CPU or a CUDA device, or use torch.nn.BatchNorm*d there"
+    )
+
+
+def _to_numpy(t: torch.Tensor | None, compute_dtype: torch.dtype) -> Any:
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype != compute_dtype:
+        t = t.to(compute_dtype)
+    return t.numpy()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _from_numpy(a: Any, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _on_cpu(
+    name: str, tensors: tuple[torch.Tensor | None, ...], extra: tuple, like: torch.Tensor, n_full: int
+) -> tuple[torch.Tensor, ...]:
+    """Run kernel ``name`` on NumPy views; the first ``n_full`` outputs take ``like``'s dtype."""
+    compute = _compute_dtype(like)
+    arrays = [_to_numpy(t, compute) for t in tensors]
+    outputs = getattr(cpu_kernels, name)(*arrays, *extra)
+    if not isinstance(outputs, tuple):
+        outputs = (outputs,)
+    return tuple(
+        _from_numpy(out, like.dtype if i < n_full else compute) for i, out in enumerate(outputs)
+    )
+
+
+def _run(name: str, tensors: tuple, extra: tuple, like: torch.Tensor, n_full: int) -> tuple:
+    gpu = _backend(like)
+    if gpu is not None:
+        fn: Callable = getattr(gpu, name)
+        result = fn(*tensors, *extra)
+        return result if isinstance(result, tuple) else (result,)
+    return _on_cpu(name, tensors, extra, like, n_full)
+
+
+def forward_train(x, weight, bias, eps: float):
+    return _run("forward_train", (x, weight, bias), (eps,), x, n_full=1)
+
+
+def normalize(x, mean, invstd, weight, bias):
+    return _run("normalize", (x, mean, invstd, weight, bias), (), x, n_full=1)[0]
+
+
+def channel_stats(x):
+    return _run("channel_stats", (x,), (), x, n_full=0)
+
+
+def backward_reduce(dy, x, mean, invstd):
+    return _run("backward_reduce", (dy, x, mean, invstd), (), x, n_full=0)
+
+
+def backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count: int):
+    return _run("backward_dx", (dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat), (count,), x, n_full=1)[0]
+
+
+def backward(dy, x, mean, invstd, weight):
+    return _run("backward", (dy, x, mean, invstd, weight), (), x, n_full=1)
