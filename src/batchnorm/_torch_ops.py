@@ -1,7 +1,9 @@
 """The kernel contract on torch tensors: one function per kernel, dispatched by device.
 
 CPU tensors run the numba kernels on zero-copy NumPy views; CUDA tensors run the Triton
-kernels (``batchnorm.kernels.triton``), imported only when a CUDA tensor arrives. No autograd
+kernels (``batchnorm.kernels.triton``), imported only when a CUDA tensor arrives. Setting
+``BATCHNORM_BACKEND=triton`` sends CPU tensors to the Triton kernels too: with
+``TRITON_INTERPRET=1`` that runs every module on the GPU code path without a GPU. No autograd
 here: ``functional`` and the modules build their gradients from these pieces.
 
 float16 and bfloat16 inputs are computed in float32 (NumPy has no bfloat16) and cast back;
@@ -19,6 +21,7 @@ Functions (same names and meaning as ``batchnorm.kernels``)::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -30,9 +33,9 @@ _NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
 def _backend(x: torch.Tensor) -> Any:
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and os.environ.get("BATCHNORM_BACKEND", "numba") != "triton":
         return None
-    if x.device.type == "cuda":
+    if x.device.type in ("cuda", "cpu"):
         from batchnorm.kernels import triton as gpu_kernels
 
         return gpu_kernels

@@ -5,12 +5,25 @@ new arrays (or writes into ``out``). See ``_dispatch`` for the contract.
 """
 
 from batchnorm.kernels._dispatch import (
+    backend_table,
     backward,
     backward_dx,
     backward_reduce,
     channel_stats,
     forward_train,
     normalize,
+    num_threads,
+    set_num_threads,
 )
 
-__all__ = ["backward", "backward_dx", "backward_reduce", "channel_stats", "forward_train", "normalize"]
+__all__ = [
+    "backend_table",
+    "backward",
+    "backward_dx",
+    "backward_reduce",
+    "channel_stats",
+    "forward_train",
+    "normalize",
+    "num_threads",
+    "set_num_threads",
+]

@@ -1,0 +1,275 @@
+"""Batch norm as ``torch.library`` custom ops: one node for autograd, torch.compile and torch.export.
+
+Four ops in the ``batchnorm`` namespace, each a thin wrapper over the kernel contract of
+``batchnorm._torch_ops`` (CPU: numba kernels on NumPy views; CUDA: Triton)::
+
+    batchnorm::forward_train(x, weight, bias, eps)            -> (y, mean, var, invstd)
+    batchnorm::backward_train(dy, x, mean, invstd, weight)    -> (dx, dweight, dbias)
+    batchnorm::forward_inference(x, rmean, rvar, weight, bias, eps) -> y
+    batchnorm::backward_inference(dy, x, rmean, rvar, weight, eps)  -> (dx, dweight, dbias)
+
+Training mode (batch statistics, ``m = N * prod(spatial)`` values per channel)::
+
+    y  = weight * (x - mean) * invstd + bias,   invstd = 1 / sqrt(var + eps)
+    dx = weight * invstd * (dy - sum(dy) / m - x_hat * sum(dy * x_hat) / m)
+    dweight = sum(dy * x_hat),  dbias = sum(dy)
+
+Prediction mode (running statistics are constants, so dx has no mean/var terms)::
+
+    y  = weight * (x - running_mean) / sqrt(running_var + eps) + bias
+    dx = dy * weight / sqrt(running_var + eps)
+
+Every op has a fake (meta) implementation giving shapes, dtypes and x's memory layout, so the
+compilers trace without running a kernel. The backward ops have no autograd of their own:
+double backward raises. ``mean``, ``var`` and ``invstd`` are marked non-differentiable, so a
+caller that builds a loss on them gets an error instead of a silently missing gradient.
+
+Shape:
+    x, y, dy, dx: ``(N, C, *spatial)``, any strides (outputs keep x's layout); everything else
+    ``(C,)``. Statistics and parameter gradients come in the compute dtype (float64 for
+    float64 input, float32 otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from batchnorm import _torch_ops
+
+__all__ = [
+    "backward_inference",
+    "backward_train",
+    "batch_norm_inference",
+    "batch_norm_train",
+    "forward_inference",
+    "forward_train",
+]
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _standard_layout(x: Tensor) -> bool:
+    if x.is_contiguous():
+        return True
+    if x.ndim == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    return x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _like(out: Tensor, x: Tensor) -> Tensor:
+    """``out`` with the strides ``torch.empty_like(x)`` would have (what the fake impls promise)."""
+    if out.stride() == x.stride() and _standard_layout(x):
+        return out  # the common case, decided without allocating
+    template = torch.empty_like(x)
+    if out.stride() == template.stride():
+        return out
+    return template.copy_(out)
+
+
+def _stats_like(x: Tensor, count: int = 1) -> tuple[Tensor, ...]:
+    channels = x.shape[1]
+    return tuple(x.new_empty((channels,), dtype=_compute_dtype(x)) for _ in range(count))
+
+
+def _invstd(running_var: Tensor, eps: float, x: Tensor) -> Tensor:
+    return torch.rsqrt(running_var.to(_compute_dtype(x)) + eps)
+
+
+def _forward_train_impl(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, mean, var, invstd = _torch_ops.forward_train(x, weight, bias, eps)
+    return _like(y, x), mean, var, invstd
+
+
+forward_train = torch.library.custom_op("batchnorm::forward_train", _forward_train_impl, mutates_args=())
+
+
+@forward_train.register_fake
+def _(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    return (torch.empty_like(x), *_stats_like(x, 3))
+
+
+def _backward_train_impl(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    # autograd hands over dy in whatever layout the next op produced (an expanded scalar after
+    # .sum(), a contiguous grad for a channels-last x): give the kernels x's layout.
+    dy = _like(dy, x)
+    dx, dweight, dbias = _torch_ops.backward(dy, x, mean, invstd, weight)
+    return _like(dx, x), dweight, dbias
+
+
+backward_train = torch.library.custom_op("batchnorm::backward_train", _backward_train_impl, mutates_args=())
+
+
+@backward_train.register_fake
+def _(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None):
+    return (torch.empty_like(x), *_stats_like(x, 2))
+
+
+def _forward_inference_impl(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    mean = running_mean.to(_compute_dtype(x))
+    y = _torch_ops.normalize(x, mean, _invstd(running_var, eps, x), weight, bias)
+    return _like(y, x)
+
+
+forward_inference = torch.library.custom_op(
+    "batchnorm::forward_inference", _forward_inference_impl, mutates_args=()
+)
+
+
+@forward_inference.register_fake
+def _(x, running_mean, running_var, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+def _backward_inference_impl(
+    dy: Tensor, x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    dy = _like(dy, x)
+    mean = running_mean.to(_compute_dtype(x))
+    invstd = _invstd(running_var, eps, x)
+    # dx = dy * weight * invstd is normalize() with mean 0 and no bias
+    dx = _torch_ops.normalize(dy, torch.zeros_like(mean), invstd, weight, None)
+    dbias, dweight = _torch_ops.backward_reduce(dy, x, mean, invstd)
+    return _like(dx, x), dweight, dbias
+
+
+backward_inference = torch.library.custom_op(
+    "batchnorm::backward_inference", _backward_inference_impl, mutates_args=()
+)
+
+
+@backward_inference.register_fake
+def _(dy, x, running_mean, running_var, weight, eps):
+    return (torch.empty_like(x), *_stats_like(x, 2))
+
+
+def _param_grad(grad: Tensor, param: Tensor | None, needed: bool) -> Tensor | None:
+    if param is None or not needed:
+        return None
+    return grad.to(param.dtype)
+
+
+def _setup_train(ctx, inputs, output) -> None:
+    x, weight, bias, _ = inputs
+    _, mean, var, invstd = output
+    ctx.save_for_backward(x, weight, mean, invstd)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(mean, var, invstd)
+
+
+def _backward_train(ctx, dy, _dmean, _dvar, _dinvstd):
+    x, weight, mean, invstd = ctx.saved_tensors
+    op = backward_train if _tracing() else _backward_train_impl
+    dx, dweight, dbias = op(dy, x, mean, invstd, weight)
+    needs = ctx.needs_input_grad
+    return (
+        dx if needs[0] else None,
+        _param_grad(dweight, weight, needs[1]),
+        dbias.to(ctx.bias_dtype) if needs[2] else None,
+        None,
+    )
+
+
+def _setup_inference(ctx, inputs, output) -> None:
+    x, running_mean, running_var, weight, bias, eps = inputs
+    ctx.save_for_backward(x, running_mean, running_var, weight)
+    ctx.eps = eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward_inference(ctx, dy):
+    x, running_mean, running_var, weight = ctx.saved_tensors
+    op = backward_inference if _tracing() else _backward_inference_impl
+    dx, dweight, dbias = op(dy, x, running_mean, running_var, weight, ctx.eps)
+    needs = ctx.needs_input_grad
+    return (
+        dx if needs[0] else None,
+        None,
+        None,
+        _param_grad(dweight, weight, needs[3]),
+        dbias.to(ctx.bias_dtype) if needs[4] else None,
+        None,
+    )
+
+
+forward_train.register_autograd(_backward_train, setup_context=_setup_train)
+forward_inference.register_autograd(_backward_inference, setup_context=_setup_inference)
+
+
+def _tracing() -> bool:
+    """True when a compiler or tracer records ops, so the BN must appear as the custom op."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or is_in_torch_dispatch_mode()  # make_fx, FakeTensorMode, FlopCounter, ...
+    )
+
+
+class _Train(torch.autograd.Function):
+    """Eager fast path for ``forward_train``: same impl and backward, without the op dispatch.
+
+    Old-style ``forward(ctx, ...)``: with a separate ``setup_context`` torch binds the
+    arguments through ``inspect.signature`` on every call (~60 us).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
+        output = _forward_train_impl(x, weight, bias, eps)
+        _setup_train(ctx, (x, weight, bias, eps), output)
+        return output
+
+    backward = staticmethod(_backward_train)  # type: ignore[assignment]
+
+
+class _Inference(torch.autograd.Function):
+    """Eager fast path for ``forward_inference``."""
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps):  # type: ignore[override]
+        output = _forward_inference_impl(x, running_mean, running_var, weight, bias, eps)
+        _setup_inference(ctx, (x, running_mean, running_var, weight, bias, eps), output)
+        return output
+
+    backward = staticmethod(_backward_inference)  # type: ignore[assignment]
+
+
+def batch_norm_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``forward_train`` with autograd: the op when traced, a plain autograd.Function in eager.
+
+    The custom-op dispatch costs about 100 us per call in eager mode (measured on (8, 4):
+    131 us vs 69 us for the bare kernels, 239 us with autograd), which dominates small layers;
+    compilers and exporters need the op, eager execution does not.
+    """
+    if _tracing() or type(x) is not torch.Tensor:
+        return forward_train(x, weight, bias, eps)
+    return _Train.apply(x, weight, bias, eps)
+
+
+def batch_norm_inference(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """``forward_inference`` with autograd; same dispatch rule as ``batch_norm_train``."""
+    if _tracing() or type(x) is not torch.Tensor:
+        return forward_inference(x, running_mean, running_var, weight, bias, eps)
+    return _Inference.apply(x, running_mean, running_var, weight, bias, eps)

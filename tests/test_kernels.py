@@ -1,0 +1,332 @@
+"""The numba kernels against ``batchnorm.reference``: every layout x dtype x parallel split."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batchnorm import kernels, reference
+from batchnorm.kernels import _dispatch
+
+# Relative tolerance per input dtype, against a reference computed in float64 on the same values.
+# float16 outputs are rounded to float16 (unit roundoff 4.9e-4), a few roundings deep.
+RTOL = {np.float64: 1e-10, np.float32: 1e-5, np.float16: 3e-3}
+DTYPES = list(RTOL)
+LAYOUTS = ["contiguous", "channels_last", "sliced", "fortran"]
+SHAPES = [(7, 5), (4, 3, 33), (3, 6, 5, 7), (2, 3, 4, 5, 6), (1, 4, 9, 11)]
+
+
+def make(rng, shape, dtype, layout, loc=0.0, scale=1.0):
+    """An array of ``shape`` with the given memory layout and values ~ N(loc, scale^2)."""
+    if layout == "sliced":  # every other element along the last axis: no unit stride anywhere
+        big = rng.normal(loc, scale, (*shape[:-1], 2 * shape[-1])).astype(dtype)
+        return big[..., ::2]
+    x = rng.normal(loc, scale, shape).astype(dtype)
+    if layout == "channels_last":
+        return np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    if layout == "fortran":
+        return np.asfortranarray(x)
+    return x
+
+
+# Dispatch thresholds that force the blocked reductions (many small blocks, all threads).
+SPLIT = {"_SLAB_BYTES": 0, "_BLOCK_BYTES": 64, "_ROW_BLOCK_BYTES": 64, "_PARALLEL_MIN": 0}
+
+
+@contextlib.contextmanager
+def forced_split():
+    saved = {name: getattr(_dispatch, name) for name in SPLIT}
+    try:
+        for name, value in SPLIT.items():
+            setattr(_dispatch, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(_dispatch, name, value)
+
+
+@pytest.fixture(params=["fused", "split"])
+def path(request, monkeypatch):
+    """``fused``: one-call kernels where the dispatcher allows them; ``split``: blocks everywhere."""
+    for name, value in (SPLIT if request.param == "split" else {"_SLAB_BYTES": 1 << 40}).items():
+        monkeypatch.setattr(_dispatch, name, value)
+    return request.param
+
+
+def close(actual, expected, dtype, scale=None):
+    """Max error relative to the value scale of ``expected`` (or ``scale``)."""
+    actual = np.asarray(actual, np.float64)
+    scale = np.max(np.abs(expected)) if scale is None else scale
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=RTOL[dtype] * max(scale, 1e-300))
+
+
+def same_layout(a, b):
+    """Same axis order in memory (stride ranking), the contract's "x's memory layout"."""
+    return list(np.argsort(a.strides, kind="stable")) == list(np.argsort(b.strides, kind="stable"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_backward_match_reference(rng, shape, dtype, layout, path):
+    x = make(rng, shape, dtype, layout, loc=3.0, scale=2.0)
+    dy = make(rng, shape, dtype, "contiguous")
+    gamma = rng.normal(1.0, 0.5, shape[1]).astype(dtype)
+    beta = rng.normal(0.0, 1.0, shape[1]).astype(dtype)
+    x64, g64, b64 = (a.astype(np.float64) for a in (x, gamma, beta))
+    y_ref, cache = reference.forward(x64, g64, b64, eps=1e-5)
+    dx_ref, dgamma_ref, dbeta_ref = reference.backward(dy.astype(np.float64), cache)
+
+    y, mean, var, invstd = kernels.forward_train(x, gamma, beta, 1e-5)
+    stat_dtype = np.float64 if dtype == np.float64 else np.float32
+    assert y.dtype == dtype and y.shape == x.shape
+    assert mean.dtype == var.dtype == invstd.dtype == stat_dtype
+    if layout != "fortran" or x.ndim == 2:
+        assert same_layout(y, x)
+    close(y, y_ref, dtype)
+    close(mean, cache.mean, dtype, scale=3.0)
+    close(var, cache.var, dtype)
+    close(invstd, cache.invstd, dtype)
+
+    # The backward runs on the float64 statistics so it is tested apart from their rounding.
+    dx, dgamma, dbeta = kernels.backward(dy, x, cache.mean, cache.invstd, gamma)
+    assert dx.dtype == dtype and dgamma.dtype == dbeta.dtype == stat_dtype
+    close(dx, dx_ref, dtype)
+    close(dgamma, dgamma_ref, dtype, scale=np.max(np.abs(dbeta_ref)) + np.max(np.abs(dgamma_ref)))
+    close(dbeta, dbeta_ref, dtype)
+
+    sum_dy, sum_dy_xhat = kernels.backward_reduce(dy, x, cache.mean, cache.invstd)
+    np.testing.assert_allclose(sum_dy, dbeta, rtol=RTOL[dtype], atol=RTOL[dtype])
+    np.testing.assert_allclose(sum_dy_xhat, dgamma, rtol=RTOL[dtype], atol=RTOL[dtype])
+    count = x.size // x.shape[1]
+    dx2 = kernels.backward_dx(dy, x, cache.mean, cache.invstd, gamma, sum_dy, sum_dy_xhat, count)
+    close(dx2, dx_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_normalize_and_stats_match_reference(rng, dtype, layout, path):
+    x = make(rng, (5, 4, 6, 7), dtype, layout, loc=-2.0, scale=3.0)
+    x64 = x.astype(np.float64)
+    mean, var = kernels.channel_stats(x)
+    _, cache = reference.forward(x64, None, None)
+    close(mean, cache.mean, dtype, scale=2.0)
+    close(var, cache.var, dtype)
+
+    running_mean, running_var = rng.normal(size=4), rng.uniform(0.5, 2.0, 4)
+    gamma, beta = rng.normal(size=4), rng.normal(size=4)
+    y = kernels.normalize(x, running_mean, 1.0 / np.sqrt(running_var + 1e-5), gamma, beta)
+    y_ref = reference.forward_inference(x64, gamma, beta, running_mean, running_var)
+    assert y.dtype == dtype and same_layout(y, x)
+    close(y, y_ref, dtype)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_none_gamma_beta_mean_one_and_zero(rng, affine):
+    x = rng.normal(size=(6, 3, 10))
+    gamma, beta = (rng.normal(size=3), rng.normal(size=3)) if affine else (None, None)
+    y, *_ = kernels.forward_train(x, gamma, beta, 1e-5)
+    y_ref, cache = reference.forward(x, gamma, beta)
+    close(y, y_ref, np.float64)
+    dy = rng.normal(size=x.shape)
+    dx, _, _ = kernels.backward(dy, x, cache.mean, cache.invstd, gamma)
+    close(dx, reference.backward(dy, cache)[0], np.float64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("out_layout", ["contiguous", "channels_last"])
+def test_out_is_written_and_returned(rng, layout, out_layout):
+    x = make(rng, (4, 3, 5, 6), np.float32, layout)
+    out = make(rng, x.shape, np.float32, out_layout)
+    y, *_ = kernels.forward_train(x, None, None, 1e-5, out=out)
+    assert y is out
+    np.testing.assert_allclose(out, kernels.forward_train(x, None, None, 1e-5)[0], rtol=1e-6, atol=1e-6)
+    mean, _, invstd = kernels.forward_train(x, None, None, 1e-5)[1:]
+    dx_out = np.empty_like(out)
+    dx = kernels.backward(x, x, mean, invstd, None, out=dx_out)[0]
+    assert dx is dx_out
+
+
+def test_constant_channel_gives_finite_zero_output():
+    x = np.full((8, 2, 3, 3), 7.0, np.float32)
+    x[:, 1] = np.arange(8 * 9, dtype=np.float32).reshape(8, 3, 3)
+    y, mean, var, invstd = kernels.forward_train(x, None, None, 1e-5)
+    assert np.all(np.isfinite(y)) and np.all(y[:, 0] == 0.0)
+    assert var[0] == 0.0 and invstd[0] == pytest.approx(1.0 / np.sqrt(1e-5), rel=1e-6)
+    dx, dgamma, dbeta = kernels.backward(np.ones_like(x), x, mean, invstd, None)
+    assert np.all(np.isfinite(dx)) and np.all(np.isfinite(dgamma))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(32, 4, 16, 16), (4096, 8)])
+def test_large_offset_tiny_spread_float32(rng, shape, layout, path):
+    # E[x^2] - E[x]^2 in float32 loses every digit here; the two-pass kernels must not.
+    x = make(rng, shape, np.float32, layout, loc=1e4, scale=1e-2)
+    y, mean, var, _ = kernels.forward_train(x, None, None, 1e-5)
+    y_ref, cache = reference.forward(x.astype(np.float64), None, None)
+    # y is in units of std, so this bounds the error at 1e-5 of the spread.
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * np.max(np.abs(y_ref)))
+    np.testing.assert_allclose(var, cache.var, rtol=1e-5)
+    # Given float64 statistics, the backward forms x - mean per element and stays as exact.
+    dy = make(rng, shape, np.float32, "contiguous")
+    dx_ref, dgamma_ref, _ = reference.backward(dy.astype(np.float64), cache)
+    dx, dgamma, _ = kernels.backward(dy, x, cache.mean, cache.invstd, None)
+    np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-5 * np.max(np.abs(dx_ref)))
+    np.testing.assert_allclose(dgamma, dgamma_ref, rtol=0, atol=1e-5 * np.max(np.abs(dgamma_ref)))
+
+
+def test_empty_batch_returns_empty_output_and_nan_stats():
+    x = np.zeros((0, 3, 4), np.float32)
+    y, mean, var, invstd = kernels.forward_train(x, None, None, 1e-5)
+    assert y.shape == x.shape and mean.shape == (3,) and np.all(np.isnan(mean))
+    dx, dgamma, dbeta = kernels.backward(x, x, mean, invstd, None)
+    assert dx.shape == x.shape and np.all(dbeta == 0)
+
+
+@given(
+    shape=st.tuples(st.integers(1, 5), st.integers(1, 6)).flatmap(
+        lambda nc: st.lists(st.integers(1, 6), max_size=3).map(lambda sp: (*nc, *sp))
+    ),
+    # |loc| / scale up to 1e6: beyond that float64 data itself carries no digits of the spread.
+    loc=st.floats(-1e4, 1e4),
+    log_scale=st.floats(-2, 6),
+    channels_last=st.booleans(),
+    split=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_property_float64_matches_reference(shape, loc, log_scale, channels_last, split, seed):
+    rng = np.random.default_rng(seed)
+    if np.prod(shape) // shape[1] < 2:
+        shape = (shape[0] + 1, *shape[1:])
+    x = make(rng, shape, np.float64, "channels_last" if channels_last else "contiguous", loc, 10.0**log_scale)
+    gamma, beta = rng.normal(size=shape[1]), rng.normal(size=shape[1])
+    dy = rng.normal(size=shape)
+    with forced_split() if split else contextlib.nullcontext():
+        y, mean, var, invstd = kernels.forward_train(x, gamma, beta, 1e-5)
+        dx, dgamma, dbeta = kernels.backward(dy, x, mean, invstd, gamma)
+    y_ref, cache = reference.forward(x, gamma, beta)
+    dx_ref, dgamma_ref, dbeta_ref = reference.backward(dy, cache)
+    # Deviations are relative to the data's spread (values carry |loc| absolute rounding).
+    spread = np.sqrt(cache.var) + 1e-300
+    assert np.all(np.abs(mean - cache.mean) <= 1e-12 * (np.abs(cache.mean) + spread))
+    np.testing.assert_allclose(var, cache.var, rtol=1e-9)
+    # Errors are measured against the scale of the terms each output sums (dx can cancel to ~0).
+    x_hat = np.max(np.abs(cache.x_hat))
+    scales = {
+        "y": np.max(np.abs(gamma)) * x_hat + np.max(np.abs(beta)),
+        "dx": np.max(np.abs(gamma * cache.invstd)) * np.max(np.abs(dy)),
+        "dgamma": np.sum(np.abs(dy)) * x_hat,
+        "dbeta": np.sum(np.abs(dy)),
+    }
+    outputs = {
+        "y": (y, y_ref),
+        "dx": (dx, dx_ref),
+        "dgamma": (dgamma, dgamma_ref),
+        "dbeta": (dbeta, dbeta_ref),
+    }
+    for name, (got, want) in outputs.items():
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * scales[name], err_msg=name)
+
+
+def test_thread_count_follows_torch_then_override(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(get_num_threads=lambda: 1))
+    assert kernels.num_threads() == 1
+    kernels.set_num_threads(2 if _dispatch.numba.config.NUMBA_NUM_THREADS >= 2 else 1)
+    try:
+        assert kernels.num_threads() == min(2, _dispatch.numba.config.NUMBA_NUM_THREADS)
+    finally:
+        kernels.set_num_threads(None)
+    for bad in (0, -1, 2.5, True, 10**6):
+        with pytest.raises(ValueError, match="set_num_threads: n must be an int"):
+            kernels.set_num_threads(bad)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (
+            lambda x: kernels.forward_train(x.astype(np.int32), None, None, 1e-5),
+            TypeError,
+            "x: expected float16",
+        ),
+        (lambda x: kernels.forward_train(x[0, 0], None, None, 1e-5), ValueError, "x: expected shape"),
+        (
+            lambda x: kernels.forward_train(x, np.ones(4), None, 1e-5),
+            ValueError,
+            r"gamma: expected shape \(3,\)",
+        ),
+        (
+            lambda x: kernels.backward(x[:1], x, np.zeros(3), np.ones(3), None),
+            ValueError,
+            "dy: expected x's shape",
+        ),
+        (
+            lambda x: kernels.normalize(x, np.zeros(3), np.ones(3), out=np.empty(3)),
+            ValueError,
+            "out: expected",
+        ),
+        (lambda x: kernels.channel_stats(x.tolist()), TypeError, "x: expected a NumPy array"),
+    ],
+)
+def test_bad_input_names_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call(np.ones((2, 3, 4)))
+
+
+def test_kernels_are_cached_on_disk_and_listed():
+    from batchnorm.kernels import backward as _  # noqa: F401 - the module, via sys.modules below
+    from batchnorm.kernels import forward, stats
+
+    modules = [sys.modules["batchnorm.kernels.backward"], forward, stats]
+    jitted = [f for m in modules for f in vars(m).values() if hasattr(f, "py_func")]
+    jitted += [f.serial for f in jitted if hasattr(f, "serial")]
+    assert len(jitted) == 22
+    assert all(type(f._cache).__name__ == "FunctionCache" for f in jitted)
+    rows = kernels.backend_table()
+    assert {"float32", "float64", "float16"} <= {r["input"] for r in rows}
+    assert all(set(r) == {"input", "layout", "kernel"} for r in rows)
+
+
+@pytest.mark.parametrize("shape", [(16384, 3), (16, 5, 32, 32)])
+def test_narrow_rows_regrouped_match_reference(rng, shape):
+    # Channels-last / (N, C) with C < 64 run as rows of C*k "virtual channels" (``_widen``).
+    x = make(rng, shape, np.float32, "channels_last" if len(shape) > 2 else "contiguous", loc=5.0)
+    rows = x.size // shape[1]
+    assert _dispatch._widen(rows, shape[1], x.size) > 1
+    dy = make(rng, shape, np.float32, "contiguous")
+    y, mean, var, invstd = kernels.forward_train(x, None, None, 1e-5)
+    y_ref, cache = reference.forward(x.astype(np.float64), None, None)
+    dx_ref, dgamma_ref, dbeta_ref = reference.backward(dy.astype(np.float64), cache)
+    close(y, y_ref, np.float32)
+    close(var, cache.var, np.float32)
+    dx, dgamma, dbeta = kernels.backward(dy, x, cache.mean, cache.invstd, None)
+    close(dx, dx_ref, np.float32)
+    close(dgamma, dgamma_ref, np.float32, scale=np.sum(np.abs(dy)) / shape[1])
+    close(dbeta, dbeta_ref, np.float32, scale=np.sum(np.abs(dy)) / shape[1])
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_child_forked_after_parallel_use_runs_single_threaded():
+    # GNU OpenMP kills a forked child on its first parallel region; ours falls back to serial.
+    code = (
+        "import os, numpy as np\n"
+        "from batchnorm import kernels\n"
+        "x = np.random.default_rng(0).random((8, 4, 64, 64), dtype=np.float32)\n"
+        "kernels.set_num_threads(min(2, kernels._dispatch.numba.config.NUMBA_NUM_THREADS))\n"
+        "parent = kernels.forward_train(x, None, None, 1e-5)[1]\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    child = kernels.forward_train(x, None, None, 1e-5)[1]\n"
+        "    os._exit(0 if kernels.num_threads() == 1 and np.allclose(child, parent) else 3)\n"
+        "print(os.waitpid(pid, 0)[1])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0", result.stderr

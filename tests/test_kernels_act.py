@@ -1,0 +1,190 @@
+"""The fused BN + activation kernels against the NumPy reference, every layout x dtype x split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batchnorm import reference
+from batchnorm.kernels import _act_dispatch as dispatch
+
+SLOPE = 0.1
+
+
+def act_ref(z: np.ndarray, act: str) -> np.ndarray:
+    if act == "relu":
+        return np.maximum(z, 0.0)
+    if act == "leaky_relu":
+        return np.where(z > 0, z, z * SLOPE)
+    if act == "silu":
+        return z / (1.0 + np.exp(-z))
+    return z
+
+
+def act_grad_ref(z: np.ndarray, act: str) -> np.ndarray:
+    if act == "relu":
+        return (z > 0).astype(z.dtype)
+    if act == "leaky_relu":
+        return np.where(z > 0, 1.0, SLOPE)
+    if act == "silu":
+        s = 1.0 / (1.0 + np.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
+    return np.ones_like(z)
+
+
+def layout(x: np.ndarray, name: str) -> np.ndarray:
+    """The same values in another memory layout."""
+    if name == "channels_last":
+        return np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    if name == "strided":  # every other element of a larger buffer: no canonical view exists
+        big = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+        big[..., ::2] = x
+        return big[..., ::2]
+    return np.ascontiguousarray(x)
+
+
+# (shape, layout): NCS rows, (N, C), channels-last, S == 1 and non-canonical strides.
+CASES = [
+    ((4, 3, 5, 6), "contiguous"),
+    ((4, 3, 5, 6), "channels_last"),
+    ((6, 5, 7), "contiguous"),
+    ((37, 9), "contiguous"),
+    ((3, 4, 1, 1), "contiguous"),
+    ((3, 4, 5, 2), "strided"),
+]
+TOL = {np.float64: 1e-10, np.float32: 2e-5}
+
+
+def make(shape, dtype, name, rng, offset=0.0):
+    x = layout((rng.normal(offset, 2.0, shape)).astype(dtype), name)
+    gamma = rng.normal(1.0, 0.5, shape[1]).astype(dtype)
+    beta = rng.normal(0.0, 0.5, shape[1]).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    return x, gamma, beta, dy
+
+
+def expected(x, gamma, beta, dy, act):
+    """Reference in float64: y, stats and the gradient through act'(z)."""
+    x64 = x.astype(np.float64)
+    z, cache = reference.forward(x64, gamma.astype(np.float64), beta.astype(np.float64))
+    dz = dy.astype(np.float64) * act_grad_ref(z, act)
+    dx, dgamma, dbeta = reference.backward_compact(dz, cache)
+    return act_ref(z, act), cache, dx, dgamma, dbeta
+
+
+def close(got, want, dtype):
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL[dtype] * scale)
+
+
+@pytest.fixture(params=["serial", "parallel-tiny-blocks"])
+def block_bytes(request, monkeypatch):
+    """The single-threaded twins (small inputs), and the parallel kernels with many small
+    row blocks per thread, so every split and combine path runs on test-sized inputs."""
+    if request.param != "serial":
+        from batchnorm.kernels import _dispatch
+
+        monkeypatch.setattr(dispatch, "_BLOCK_BYTES", 64)
+        monkeypatch.setattr(_dispatch, "_PARALLEL_MIN", 1)
+    return request.param
+
+
+@pytest.mark.parametrize("act", list(dispatch.ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,name", CASES)
+def test_forward_backward_match_reference(shape, name, dtype, act, rng, block_bytes):
+    x, gamma, beta, dy = make(shape, dtype, name, rng)
+    y_ref, cache, dx_ref, dgamma_ref, dbeta_ref = expected(x, gamma, beta, dy, act)
+    y, mean, var, invstd = dispatch.forward_train(x, gamma, beta, 1e-5, act, SLOPE)
+    assert y.dtype == dtype and mean.dtype == dtype and y.shape == x.shape
+    if name != "strided":
+        assert y.strides == x.strides  # channels-last stays channels-last
+    close(y, y_ref, dtype)
+    close(mean, cache.mean, dtype)
+    close(var, cache.var, dtype)
+    from_output = [False, True] if act in dispatch.INVERTIBLE else [False]
+    for saved_output in from_output:
+        saved = y if saved_output else x
+        dx, dgamma, dbeta = dispatch.backward(dy, saved, mean, invstd, gamma, beta, act, SLOPE, saved_output)
+        assert dx.dtype == dtype and dx.strides == y.strides
+        # Recovering x_hat from a float32 y costs a few ulps of |z| / |gamma|.
+        tol = 10 if saved_output and dtype == np.float32 else 1
+        np.testing.assert_allclose(dx, dx_ref, atol=tol * TOL[dtype] * max(1, np.abs(dx_ref).max()))
+        close(dgamma, dgamma_ref, dtype)
+        close(dbeta, dbeta_ref, dtype)
+
+
+@pytest.mark.parametrize("act", list(dispatch.ACTIVATIONS))
+@pytest.mark.parametrize("shape,name", [((5, 4, 3, 3), "contiguous"), ((5, 4, 3, 3), "channels_last")])
+def test_inference_matches_reference(shape, name, act, rng):
+    x, gamma, beta, _ = make(shape, np.float64, name, rng)
+    running_mean, running_var = rng.normal(size=shape[1]), rng.uniform(0.5, 2.0, shape[1])
+    y = dispatch.forward_inference(x, gamma, beta, running_mean, running_var, 1e-5, act, SLOPE)
+    z = reference.forward_inference(x, gamma, beta, running_mean, running_var, 1e-5)
+    close(y, act_ref(z, act), np.float64)
+
+
+def test_affine_none_means_gamma_one_beta_zero(rng):
+    x = rng.normal(size=(8, 3, 4))
+    y, *_ = dispatch.forward_train(x, None, None, 1e-5, "identity")
+    y_ref, _ = reference.forward(x, None, None)
+    close(y, y_ref, np.float64)
+
+
+@pytest.mark.parametrize(
+    "shape,name",
+    [((16, 3, 32, 32), "contiguous"), ((512, 8), "contiguous"), ((8, 3, 16, 16), "channels_last")],
+)
+def test_float32_large_offset_keeps_its_digits(shape, name, rng):
+    """Mean 1e4, std 1: E[x^2] - E[x]^2 in float32 would lose every digit of the variance."""
+    x, gamma, beta, _ = make(shape, np.float32, name, rng, offset=1e4)
+    x = (x - 1e4) / 2 + np.float32(1e4)  # std 1 around 1e4, exactly representable offsets
+    y, mean, var, _ = dispatch.forward_train(x, None, None, 1e-5, "identity")
+    y_ref, cache = reference.forward(x.astype(np.float64), None, None)
+    np.testing.assert_allclose(var, cache.var, rtol=1e-5)
+    np.testing.assert_allclose(y, y_ref, atol=1e-3)  # float32 x itself carries 1e4 * 6e-8 of noise
+
+
+def test_float16_is_computed_in_float32(rng):
+    x = rng.normal(size=(4, 3, 8)).astype(np.float16)
+    y, mean, *_ = dispatch.forward_train(x, None, None, 1e-5, "relu")
+    assert y.dtype == np.float16 and mean.dtype == np.float32
+    y_ref, _ = reference.forward(x.astype(np.float64), None, None)
+    np.testing.assert_allclose(y.astype(np.float64), np.maximum(y_ref, 0), atol=2e-3)
+
+
+@given(
+    n=st.integers(2, 6),
+    c=st.integers(1, 5),
+    s=st.integers(1, 7),
+    act=st.sampled_from(list(dispatch.ACTIVATIONS)),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_property_gradient_matches_reference(n, c, s, act, channels_last, seed):
+    rng = np.random.default_rng(seed)
+    x, gamma, beta, dy = make(
+        (n, c, s, 2), np.float64, "channels_last" if channels_last else "contiguous", rng
+    )
+    _, _, dx_ref, dgamma_ref, _ = expected(x, gamma, beta, dy, act)
+    _, mean, _, invstd = dispatch.forward_train(x, gamma, beta, 1e-5, act, SLOPE)
+    dx, dgamma, _ = dispatch.backward(dy, x, mean, invstd, gamma, beta, act, SLOPE)
+    close(dx, dx_ref, np.float64)
+    close(dgamma, dgamma_ref, np.float64)
+
+
+def test_errors_name_the_argument(rng):
+    x = rng.normal(size=(4, 3))
+    with pytest.raises(ValueError, match="act: expected one of"):
+        dispatch.forward_train(x, None, None, 1e-5, "gelu")
+    with pytest.raises(TypeError, match="x: expected a float16, float32 or float64"):
+        dispatch.forward_train(x.astype(np.int64), None, None, 1e-5, "relu")
+    with pytest.raises(ValueError, match="at least one value per channel"):
+        dispatch.forward_train(np.empty((0, 3)), None, None, 1e-5, "relu")
+    y, mean, _, invstd = dispatch.forward_train(x, None, None, 1e-5, "relu")
+    with pytest.raises(ValueError, match="from_output"):
+        dispatch.backward(x, y, mean, invstd, None, None, "relu", SLOPE, True)
+    with pytest.raises(ValueError, match="gamma: recovering x_hat"):
+        dispatch.backward(x, y, mean, invstd, np.array([1.0, 0.0, 1.0]), None, "identity", SLOPE, True)
