@@ -52,12 +52,28 @@ def forced_split():
             setattr(_dispatch, name, value)
 
 
-@pytest.fixture(params=["fused", "split"])
+PATHS = {
+    # one thread, one-call kernels (what small inputs get, or any input with one thread)
+    "serial": {"_SLAB_BYTES": 1 << 40, "_PARALLEL_MIN": 1 << 62},
+    # every thread, one-call kernels where the layout allows (what large inputs with many channels get)
+    "parallel": {"_SLAB_BYTES": 1 << 40, "_PARALLEL_MIN": 0},
+    # every thread, blocked reductions combined across blocks (few channels, huge slabs)
+    "split": SPLIT,
+}
+
+
+@pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch):
-    """``fused``: one-call kernels where the dispatcher allows them; ``split``: blocks everywhere."""
-    for name, value in (SPLIT if request.param == "split" else {"_SLAB_BYTES": 1 << 40}).items():
+    """The kernel path, forced by the dispatcher's thresholds; checks the thread counts it used."""
+    for name, value in PATHS[request.param].items():
         monkeypatch.setattr(_dispatch, name, value)
-    return request.param
+    used: list[int] = []
+    use_threads = _dispatch._use_threads
+    monkeypatch.setattr(_dispatch, "_use_threads", lambda size: used.append(use_threads(size)) or used[-1])
+    yield request.param
+    if used:
+        expected = 1 if request.param == "serial" else kernels.num_threads()
+        assert set(used) == {expected}
 
 
 def close(actual, expected, dtype, scale=None):
@@ -273,6 +289,11 @@ def test_thread_count_follows_torch_then_override(monkeypatch):
             "out: expected",
         ),
         (lambda x: kernels.channel_stats(x.tolist()), TypeError, "x: expected a NumPy array"),
+        (
+            lambda x: kernels.forward_train(x, None, None, 1e-5, out=np.broadcast_to(x, x.shape)),
+            ValueError,
+            "out: expected a writeable array",
+        ),
     ],
 )
 def test_bad_input_names_the_argument(call, error, match):

@@ -12,7 +12,12 @@ from hypothesis.extra import numpy as hnp
 from batchnorm import reference
 
 SHAPES = [(8, 3), (4, 5, 7), (2, 3, 4, 5), (2, 2, 3, 4, 2)]
-TORCH_BN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+TORCH_BN = {
+    2: torch.nn.BatchNorm1d,
+    3: torch.nn.BatchNorm1d,
+    4: torch.nn.BatchNorm2d,
+    5: torch.nn.BatchNorm3d,
+}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -71,7 +76,8 @@ def test_chain_rule_equals_compact_backward(x):
     gamma = rng.normal(size=x.shape[1])
     dy = rng.normal(size=x.shape)
     _, cache = reference.forward(x, gamma, None)
-    for long_form, compact in zip(reference.backward(dy, cache), reference.backward_compact(dy, cache)):
+    long_forms, compacts = reference.backward(dy, cache), reference.backward_compact(dy, cache)
+    for long_form, compact in zip(long_forms, compacts, strict=True):
         np.testing.assert_allclose(long_form, compact, rtol=1e-6, atol=1e-6 * np.abs(compact).max() + 1e-9)
 
 

@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from batchnorm import kernels as cpu_kernels
@@ -69,7 +70,10 @@ def _on_cpu(
     """Run kernel ``name`` on NumPy views; the first ``n_full`` outputs take ``like``'s dtype."""
     compute = _compute_dtype(like)
     arrays = [_to_numpy(t, compute) for t in tensors]
-    outputs = getattr(cpu_kernels, name)(*arrays, *extra)
+    # torch propagates inf/nan silently; NumPy's warnings from the dispatch's small per-channel
+    # arithmetic would surface as RuntimeWarnings that torch.nn never raises.
+    with np.errstate(all="ignore"):
+        outputs = getattr(cpu_kernels, name)(*arrays, *extra)
     if not isinstance(outputs, tuple):
         outputs = (outputs,)
     return tuple(

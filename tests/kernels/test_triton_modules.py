@@ -57,7 +57,7 @@ def test_module_on_triton_matches_torch(ours, theirs, shape, channels_last, trit
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     dy = torch.randn(shape, device=DEVICE)
-    for step in range(2):
+    for _step in range(2):
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = mine(xa), ref(xb)
         ya.backward(dy)

@@ -8,12 +8,21 @@ Contract (the same conventions as ``kernels._dispatch``):
   accumulated in float64.
 * ``act`` is one of ``ACTIVATIONS``; ``slope`` is leaky_relu's negative slope.
 
-Functions::
+Functions (the names of ``batchnorm.kernels.triton``'s act functions)::
 
     forward_train(x, gamma, beta, eps, act, slope)                 -> (y, mean, var, invstd)
     forward_inference(x, gamma, beta, mean, var, eps, act, slope)  -> y
-    normalize_act(x, mean, invstd, gamma, beta, act, slope)        -> y = act(gamma x_hat + beta)
+    normalize_act(x, mean, invstd, gamma, beta, act, slope, out=None) -> y = act(gamma x_hat + beta)
     backward(dy, saved, mean, invstd, gamma, beta, act, slope, from_output) -> (dx, dgamma, dbeta)
+
+and the two passes of ``backward`` on their own, for callers that reduce the sums across
+processes in between (SyncBatchNormAct)::
+
+    backward_reduce_act(dy, saved, mean, invstd, gamma, beta, act, slope, from_output)
+        -> (sum_dz, sum_dz_xhat)              dz = dy * act'(z); the sums are dbeta, dgamma
+    backward_dx_act(dy, saved, mean, invstd, gamma, beta, act, slope, from_output,
+                    sum_dz, sum_dz_xhat, count, out=None)
+        -> dx = gamma * invstd * (dz - sum_dz / count - x_hat * sum_dz_xhat / count)
 
 ``backward(..., from_output=True)`` takes the forward's output ``y`` as ``saved`` instead of
 ``x`` and recovers ``x_hat = (act^-1(y) - beta) / gamma``: only for invertible activations
@@ -24,6 +33,9 @@ Shape:
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import numpy as np
 
@@ -61,7 +73,7 @@ def _act_code(act: str, slope: float) -> int:
             f"act: expected one of {sorted(ACTIVATIONS)}, got {act!r}; "
             "for other activations apply them after a plain BatchNorm"
         )
-    if act == "leaky_relu" and not np.isfinite(slope):
+    if act == "leaky_relu" and not math.isfinite(slope):
         raise ValueError(f"negative_slope: expected a finite number, got {slope}")
     return ACTIVATIONS[act]
 
@@ -75,13 +87,19 @@ def _compute_dtype(x: np.ndarray) -> np.dtype:
     return np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
 
 
+
 def _canonical(x: np.ndarray, dtype: np.dtype) -> tuple[str, np.ndarray]:
     """The kernel layout and a view of x in it: ``ncs`` (N, C, S) or ``rc`` (R, C)."""
     if x.ndim < 2:
         raise ValueError(f"x: expected shape (N, C, *spatial), got {x.ndim}-D shape {x.shape}")
-    x = x.astype(dtype, copy=False)
+    if x.dtype != dtype:
+        x = x.astype(dtype)
+    # (N, C) C-contiguous is the small-MLP case: skip the moveaxis/prod below (a few us each,
+    # which is most of a (64, 16) call's budget).
+    if x.ndim == 2 and x.flags.c_contiguous:
+        return "rc", x
     n, c = x.shape[:2]
-    size = int(np.prod(x.shape[2:], dtype=np.int64))
+    size = math.prod(x.shape[2:])
     moved = np.moveaxis(x, 1, -1)
     # S == 1 is an (N, C) matrix: a per-(n, c) row of length 1 would waste the row kernels.
     if x.ndim == 2 or size == 1:
@@ -95,7 +113,10 @@ def _canonical(x: np.ndarray, dtype: np.dtype) -> tuple[str, np.ndarray]:
 
 def _in_layout(a: np.ndarray, layout: str, dtype: np.dtype) -> np.ndarray:
     """``a`` (same shape as x) as a C-contiguous array in the given kernel layout."""
-    a = a.astype(dtype, copy=False)
+    if a.dtype != dtype:
+        a = a.astype(dtype)
+    if a.ndim == 2 and a.flags.c_contiguous:
+        return a
     n, c = a.shape[:2]
     if layout == "rc":
         return np.ascontiguousarray(np.moveaxis(a, 1, -1)).reshape(-1, c)
@@ -104,6 +125,9 @@ def _in_layout(a: np.ndarray, layout: str, dtype: np.dtype) -> np.ndarray:
 
 def _empty_like_layout(x: np.ndarray, layout: str, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """(kernel view, array shaped like x) sharing memory, in x's layout."""
+    if x.ndim == 2:
+        full = np.empty(x.shape, dtype)
+        return full, full
     n, c = x.shape[:2]
     if layout == "rc" and x.size != n * c:
         moved = np.empty((n, *x.shape[2:], c), dtype)
@@ -113,17 +137,79 @@ def _empty_like_layout(x: np.ndarray, layout: str, dtype: np.dtype) -> tuple[np.
     return full.reshape((n, c) if layout == "rc" else (n, c, -1)), full
 
 
+def _out_view(out: np.ndarray | None, x: np.ndarray, layout: str, dtype: np.dtype):
+    """(kernel view, result) for an output: a fresh array, or ``out`` when the kernel can write
+    into it directly (x's shape and compute dtype, and a view in the kernel layout exists)."""
+    if out is None:
+        return _empty_like_layout(x, layout, dtype)
+    if not isinstance(out, np.ndarray) or out.shape != x.shape:
+        raise ValueError(
+            f"out: expected an array of x's shape {x.shape}, got "
+            f"{getattr(out, 'shape', type(out).__name__)}; pass out=None to allocate one"
+        )
+    if out.dtype == dtype:
+        if out.ndim == 2 or layout == "ncs":
+            if out.flags.c_contiguous:
+                n, c = x.shape[:2]
+                return (out if layout == "rc" or out.ndim == 2 else out.reshape(n, c, -1)), out
+        else:
+            moved = np.moveaxis(out, 1, -1)
+            if moved.flags.c_contiguous:
+                return moved.reshape(-1, x.shape[1]), out
+    # out has another dtype or layout: compute into a fresh array, then copy (cast) once
+    view, full = _empty_like_layout(x, layout, dtype)
+    return view, _Deferred(full, out)
+
+
+class _Deferred:
+    """Marks an output that must still be copied into the caller's ``out``."""
+
+    __slots__ = ("full", "out")
+
+    def __init__(self, full: np.ndarray, out: np.ndarray) -> None:
+        self.full, self.out = full, out
+
+
+def _finish(result, like_dtype: np.dtype) -> np.ndarray:
+    if isinstance(result, _Deferred):
+        np.copyto(result.out, result.full, casting="unsafe")
+        return result.out
+    return result if result.dtype == like_dtype else result.astype(like_dtype)
+
+
 def _row_starts(rows: int, channels: int, itemsize: int, threads: int) -> np.ndarray:
-    per_block = max(1, _BLOCK_BYTES // max(1, channels * itemsize))
-    per_block = min(per_block, max(1, -(-rows // threads)))  # at least one block per thread
+    """Block boundaries of the (R, C) kernels: at most ``_BLOCK_BYTES`` per block, and at
+    least one block per thread."""
+    return _row_starts_cached(rows, channels, itemsize, threads, _BLOCK_BYTES)
+
+
+# Cached: the same shapes come back every step, and building the array costs ~5 us, a sixth
+# of a (64, 16) call's budget. The arrays are read-only.
+@functools.lru_cache(maxsize=256)
+def _row_starts_cached(rows: int, channels: int, itemsize: int, threads: int, block_bytes: int) -> np.ndarray:
+    per_block = max(1, block_bytes // max(1, channels * itemsize))
+    per_block = min(per_block, max(1, -(-rows // threads)))
     n_blocks = max(1, -(-rows // per_block))
-    return np.minimum(np.arange(n_blocks + 1, dtype=np.int64) * per_block, rows)
+    starts = np.minimum(np.arange(n_blocks + 1, dtype=np.int64) * per_block, rows)
+    starts.flags.writeable = False
+    return starts
+
+
+def _vector(a, channels: int, default: float) -> np.ndarray:
+    if a is None:
+        return np.full(channels, default)
+    if isinstance(a, np.ndarray) and a.dtype == np.float64 and a.ndim == 1:
+        return a
+    return np.asarray(a, np.float64).reshape(channels)
 
 
 def _affine(gamma, beta, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    g = np.ones(channels) if gamma is None else np.asarray(gamma, np.float64).reshape(channels)
-    b = np.zeros(channels) if beta is None else np.asarray(beta, np.float64).reshape(channels)
-    return g, b
+    return _vector(gamma, channels, 1.0), _vector(beta, channels, 0.0)
+
+
+def _sum_parts(parts: np.ndarray) -> np.ndarray:
+    # one block (every small input) needs no reduction call
+    return parts[0].copy() if parts.shape[0] == 1 else parts.sum(axis=0)
 
 
 def _stats(layout: str, v: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,36 +231,66 @@ def _stats(layout: str, v: np.ndarray, threads: int) -> tuple[np.ndarray, np.nda
     return mean, var
 
 
-def normalize_act(x, mean, invstd, gamma, beta, act: str = "relu", slope: float = 0.01) -> np.ndarray:
-    """``y = act(gamma * (x - mean) * invstd + beta)`` in one pass."""
+def _normalize_into(layout: str, v: np.ndarray, scale, shift, code: int, slope: float, y_view) -> None:
+    if not v.size:
+        return
+    k = _kernels()
+    threads = _threads(v.size)
+    if layout == "ncs":
+        _k(k.normalize_act_ncs, threads)(v, scale, shift, code, slope, y_view)
+    else:
+        starts = _row_starts(v.shape[0], v.shape[1], v.itemsize, threads)
+        _k(k.normalize_act_rc, threads)(v, scale, shift, code, slope, starts, y_view)
+
+
+def normalize_act(
+    x: np.ndarray,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    act: str = "relu",
+    slope: float = 0.01,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``y = act(gamma * (x - mean) * invstd + beta)`` in one pass; into ``out`` if given.
+
+    Shape:
+        x, out, y: ``(N, C, *spatial)``; mean, invstd, gamma, beta: ``(C,)``.
+    """
     code = _act_code(act, slope)
     dtype = _compute_dtype(x)
     layout, v = _canonical(x, dtype)
     g, b = _affine(gamma, beta, x.shape[1])
-    scale = g * np.asarray(invstd, np.float64)
-    shift = b - np.asarray(mean, np.float64) * scale
-    y_view, y = _empty_like_layout(x, layout, dtype)
-    if v.size:
-        k = _kernels()
-        threads = _threads(v.size)
-        if layout == "ncs":
-            _k(k.normalize_act_ncs, threads)(v, scale, shift, code, float(slope), y_view)
-        else:
-            starts = _row_starts(v.shape[0], v.shape[1], v.itemsize, threads)
-            _k(k.normalize_act_rc, threads)(v, scale, shift, code, float(slope), starts, y_view)
-    return y.astype(x.dtype, copy=False)
+    scale = g * _vector(invstd, x.shape[1], 1.0)
+    shift = b - _vector(mean, x.shape[1], 0.0) * scale
+    y_view, y = _out_view(out, x, layout, dtype)
+    _normalize_into(layout, v, scale, shift, code, float(slope), y_view)
+    return _finish(y, x.dtype)
 
 
 def forward_train(x, gamma, beta, eps: float, act: str = "relu", slope: float = 0.01):
-    """Training forward: batch statistics (biased var), then ``y = act(gamma x_hat + beta)``."""
-    _act_code(act, slope)
+    """Training forward: batch statistics (biased var), then ``y = act(gamma x_hat + beta)``.
+
+    Shape:
+        x, y: ``(N, C, *spatial)``; gamma, beta, mean, var, invstd: ``(C,)``.
+    """
+    code = _act_code(act, slope)
     dtype = _compute_dtype(x)
     layout, v = _canonical(x, dtype)
     if v.size == 0:
         raise ValueError(f"x: expected at least one value per channel, got shape {x.shape}")
     mean, var = _stats(layout, v, _threads(v.size))
     invstd = 1.0 / np.sqrt(var + eps)
-    y = normalize_act(x, mean, invstd, gamma, beta, act, slope)
+    g, b = _affine(gamma, beta, x.shape[1])
+    scale = g * invstd
+    shift = b - mean * scale
+    # the layout and its view are reused: the public normalize_act would redo both
+    y_view, y = _empty_like_layout(x, layout, dtype)
+    _normalize_into(layout, v, scale, shift, code, float(slope), y_view)
+    y = _finish(y, x.dtype)
+    if dtype == np.float64:
+        return y, mean, var, invstd
     return y, mean.astype(dtype), var.astype(dtype), invstd.astype(dtype)
 
 
@@ -186,13 +302,8 @@ def forward_inference(
     return normalize_act(x, running_mean, invstd, gamma, beta, act, slope)
 
 
-def backward(
-    dy, saved, mean, invstd, gamma, beta, act: str = "relu", slope: float = 0.01, from_output: bool = False
-):
-    """``(dx, dgamma, dbeta)`` of ``y = act(gamma x_hat + beta)`` with batch statistics.
-
-    ``saved`` is x, or the forward's output y when ``from_output`` (see the module docstring).
-    """
+def _backward_args(dy, saved, mean, invstd, gamma, beta, act: str, slope: float, from_output: bool):
+    """Checks and kernel-layout views shared by the two backward passes."""
     code = _act_code(act, slope)
     if from_output and act not in INVERTIBLE:
         raise ValueError(
@@ -213,25 +324,102 @@ def backward(
             "gamma: recovering x_hat from the output divides by gamma, which has zeros at "
             f"channels {np.flatnonzero(g == 0)[:8].tolist()}; use save_memory=False"
         )
-    mu = np.asarray(mean, np.float64)
-    istd = np.asarray(invstd, np.float64)
+    mu = _vector(mean, channels, 0.0)
+    istd = _vector(invstd, channels, 1.0)
+    return dtype, layout, v, (d, v, mu, istd, g, b, code, float(slope), bool(from_output))
+
+
+def _reduce(layout: str, args: tuple, threads: int) -> tuple[np.ndarray, np.ndarray]:
     k = _kernels()
-    threads = _threads(v.size)
-    count = saved.size // max(1, channels)
+    v = args[1]
+    channels = v.shape[1]
     if layout == "ncs":
         parts = (np.empty((v.shape[0], channels)), np.empty((v.shape[0], channels)))
-        _k(k.backward_reduce_ncs, threads)(d, v, mu, istd, g, b, code, float(slope), from_output, *parts)
+        _k(k.backward_reduce_ncs, threads)(*args, *parts)
     else:
         starts = _row_starts(v.shape[0], channels, v.itemsize, threads)
         parts = (np.empty((starts.size - 1, channels)), np.empty((starts.size - 1, channels)))
-        _k(k.backward_reduce_rc, threads)(
-            d, v, mu, istd, g, b, code, float(slope), from_output, starts, *parts
-        )
-    dbeta, dgamma = parts[0].sum(axis=0), parts[1].sum(axis=0)
-    dx_view, dx = _empty_like_layout(saved, layout, dtype)
-    args = (d, v, mu, istd, g, b, code, float(slope), from_output, dbeta / count, dgamma / count)
+        _k(k.backward_reduce_rc, threads)(*args, starts, *parts)
+    return _sum_parts(parts[0]), _sum_parts(parts[1])
+
+
+def _dx(layout: str, args: tuple, sum_dz, sum_dz_xhat, count: int, threads: int, dx_view) -> None:
+    k = _kernels()
+    v = args[1]
+    full = (*args, sum_dz / count, sum_dz_xhat / count)
     if layout == "ncs":
-        _k(k.backward_dx_ncs, threads)(*args, dx_view)
+        _k(k.backward_dx_ncs, threads)(*full, dx_view)
     else:
-        _k(k.backward_dx_rc, threads)(*args, starts, dx_view)
-    return dx.astype(saved.dtype, copy=False), dgamma.astype(dtype), dbeta.astype(dtype)
+        _k(k.backward_dx_rc, threads)(*full, _row_starts(v.shape[0], v.shape[1], v.itemsize, threads), dx_view)
+
+
+def backward_reduce_act(
+    dy, saved, mean, invstd, gamma, beta, act: str = "relu", slope: float = 0.01, from_output: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The backward's first pass: ``(sum dz, sum dz * x_hat)`` over this array, ``dz = dy act'(z)``.
+
+    Local sums (``dbeta``, ``dgamma`` of this array), float64, to be reduced across processes
+    before ``backward_dx_act``. ``saved`` is x, or y when ``from_output``.
+
+    Shape:
+        dy, saved: ``(N, C, *spatial)``; mean, invstd, gamma, beta and the sums: ``(C,)``.
+    """
+    _, layout, v, args = _backward_args(dy, saved, mean, invstd, gamma, beta, act, slope, from_output)
+    if v.size == 0:
+        return np.zeros(saved.shape[1]), np.zeros(saved.shape[1])
+    return _reduce(layout, args, _threads(v.size))
+
+
+def backward_dx_act(
+    dy,
+    saved,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    act: str,
+    slope: float,
+    from_output: bool,
+    sum_dz,
+    sum_dz_xhat,
+    count: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The backward's second pass: ``dx = gamma invstd (dz - sum_dz / count - x_hat sum_dz_xhat / count)``.
+
+    ``count`` is the number of values per channel the sums were taken over (the global batch
+    under SyncBatchNormAct). Writes into ``out`` if given.
+
+    Shape:
+        dy, saved, dx: ``(N, C, *spatial)``; the rest ``(C,)``.
+    """
+    if int(count) < 1:
+        raise ValueError(f"count: expected the number of values per channel (>= 1), got {count}")
+    dtype, layout, v, args = _backward_args(dy, saved, mean, invstd, gamma, beta, act, slope, from_output)
+    channels = saved.shape[1]
+    dx_view, dx = _out_view(out, saved, layout, dtype)
+    if v.size:
+        s_dz, s_dzx = _vector(sum_dz, channels, 0.0), _vector(sum_dz_xhat, channels, 0.0)
+        _dx(layout, args, s_dz, s_dzx, int(count), _threads(v.size), dx_view)
+    return _finish(dx, saved.dtype)
+
+
+def backward(
+    dy, saved, mean, invstd, gamma, beta, act: str = "relu", slope: float = 0.01, from_output: bool = False
+):
+    """``(dx, dgamma, dbeta)`` of ``y = act(gamma x_hat + beta)`` with batch statistics.
+
+    ``saved`` is x, or the forward's output y when ``from_output`` (see the module docstring).
+
+    Shape:
+        dy, saved, dx: ``(N, C, *spatial)``; the rest ``(C,)``.
+    """
+    dtype, layout, v, args = _backward_args(dy, saved, mean, invstd, gamma, beta, act, slope, from_output)
+    threads = _threads(v.size)
+    dbeta, dgamma = _reduce(layout, args, threads)
+    dx_view, dx = _empty_like_layout(saved, layout, dtype)
+    _dx(layout, args, dbeta, dgamma, saved.size // max(1, saved.shape[1]), threads, dx_view)
+    dx = _finish(dx, saved.dtype)
+    if dtype == np.float64:
+        return dx, dgamma, dbeta
+    return dx, dgamma.astype(dtype), dbeta.astype(dtype)
