@@ -20,9 +20,15 @@ variance for normalization, unbiased for ``running_var``, ``running <- (1 - mome
 momentum batch`` (``momentum=None``: cumulative average); the state_dict is BatchNorm's, so
 checkpoints move between the two.
 
-CPU tensors run the numba kernels; other devices (CUDA) run ``torch.nn.functional.batch_norm``
-followed by the activation (same semantics, not fused); so does eval mode when autograd is
-recording (fine-tuning through frozen statistics), where the fused kernel would save nothing.
+CPU tensors run the numba kernels (``kernels/_act_dispatch.py``); CUDA tensors, and CPU ones
+under ``BATCHNORM_BACKEND=triton``, run the fused Triton kernels (``batchnorm.kernels.triton``),
+chosen by ``batchnorm._torch_ops``'s device rule. Eval mode while autograd is recording
+(fine-tuning through frozen statistics) runs ``torch.nn.functional.batch_norm`` and the
+activation, where the fused kernel would save nothing.
+
+The functions ``forward_train_act``, ``normalize_act``, ``backward_act``, and the backward's
+two passes ``backward_reduce_act`` / ``backward_dx_act`` are that device dispatch on torch
+tensors (SyncBatchNormAct reduces the sums across processes between the two passes).
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from batchnorm import _torch_ops
 from batchnorm.kernels import _act_dispatch as _kernels
 from batchnorm.nn.batchnorm import BatchNormBase
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "batch_norm_act"]
 
 ACTIVATIONS = tuple(_kernels.ACTIVATIONS)
+_NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
 def _numpy(t: Tensor | None, dtype: torch.dtype) -> Any:
@@ -57,17 +65,129 @@ def _tensor(a: Any, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _triton_view(t: Tensor):  # type: ignore[no-untyped-def]
+    """Triton's private launch helpers for the two backward passes on their own: its public
+    act API has only the whole ``backward_act`` (see the report asking to export them)."""
+    from batchnorm.kernels.triton import _dispatch as td
+
+    return td, td._view(t)
+
+
+def forward_train_act(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: str, slope: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, invstd)``: batch statistics (biased var), ``y = act(gamma x_hat + beta)``.
+
+    Shape:
+        x, y: ``(N, C, *spatial)``; the rest ``(C,)`` in the compute dtype.
+    """
+    gpu = _torch_ops._backend(x)
+    if gpu is not None:
+        return gpu.forward_train_act(x, weight, bias, eps, act, slope)
+    cd = _compute_dtype(x)
+    y, mean, var, invstd = _kernels.forward_train(_numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd), eps, act, slope)
+    return _tensor(y, x.dtype), torch.from_numpy(mean), torch.from_numpy(var), torch.from_numpy(invstd)
+
+
+def normalize_act(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None, act: str, slope: float
+) -> Tensor:
+    """``y = act(gamma (x - mean) invstd + beta)`` in one pass.
+
+    Shape:
+        x, y: ``(N, C, *spatial)``; the rest ``(C,)``.
+    """
+    gpu = _torch_ops._backend(x)
+    if gpu is not None:
+        return gpu.normalize_act(x, mean, invstd, weight, bias, act, slope)
+    cd = _compute_dtype(x)
+    y = _kernels.normalize_act(
+        _numpy(x, cd), _numpy(mean, torch.float64), _numpy(invstd, torch.float64),
+        _numpy(weight, cd), _numpy(bias, cd), act, slope,
+    )  # fmt: skip
+    return _tensor(y, x.dtype)
+
+
+def backward_act(
+    dy: Tensor, saved: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+    act: str, slope: float, from_output: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(dx, dgamma, dbeta)``; ``saved`` is x, or y when ``from_output`` (module docstring).
+
+    Shape:
+        dy, saved, dx: ``(N, C, *spatial)``; the rest ``(C,)``.
+    """
+    gpu = _torch_ops._backend(saved)
+    if gpu is not None:
+        return gpu.backward_act(dy, saved, mean, invstd, weight, bias, act, slope, from_output)
+    cd = _compute_dtype(saved)
+    dx, dgamma, dbeta = _kernels.backward(
+        _numpy(dy, cd), _numpy(saved, cd), _numpy(mean, cd), _numpy(invstd, cd),
+        _numpy(weight, cd), _numpy(bias, cd), act, slope, from_output,
+    )  # fmt: skip
+    return _tensor(dx, saved.dtype), torch.from_numpy(dgamma), torch.from_numpy(dbeta)
+
+
+def backward_reduce_act(
+    dy: Tensor, saved: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+    act: str, slope: float, from_output: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The backward's first pass: local ``(sum dz, sum dz x_hat)``, ``dz = dy act'(z)``.
+
+    Shape:
+        dy, saved: ``(N, C, *spatial)``; the rest ``(C,)``.
+    """
+    if _torch_ops._backend(saved) is not None:
+        td, view = _triton_view(saved)
+        code = td.act_code(act)
+        vecs = [td._channel_vector(n, t, view) for n, t in
+                (("mean", mean), ("invstd", invstd), ("gamma", weight), ("beta", bias))]  # fmt: skip
+        sum_dz, sum_dz_xhat = td._backward_launch(
+            "reduce", view, td._like("dy", dy, view), *vecs, code, slope, from_output, td._config(None, view), ()
+        )
+        return sum_dz, sum_dz_xhat
+    cd = _compute_dtype(saved)
+    sums = _kernels.backward_reduce_act(
+        _numpy(dy, cd), _numpy(saved, cd), _numpy(mean, cd), _numpy(invstd, cd),
+        _numpy(weight, cd), _numpy(bias, cd), act, slope, from_output,
+    )  # fmt: skip
+    return torch.from_numpy(sums[0]), torch.from_numpy(sums[1])
+
+
+def backward_dx_act(
+    dy: Tensor, saved: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None,
+    act: str, slope: float, from_output: bool, sum_dz: Tensor, sum_dz_xhat: Tensor, count: int,
+) -> Tensor:  # fmt: skip
+    """The backward's second pass: ``dx = gamma invstd (dz - sum_dz / count - x_hat sum_dz_xhat / count)``.
+
+    Shape:
+        dy, saved, dx: ``(N, C, *spatial)``; the rest ``(C,)``.
+    """
+    if _torch_ops._backend(saved) is not None:
+        td, view = _triton_view(saved)
+        code = td.act_code(act)
+        stat = td._stat_dtype(saved)
+        vecs = [td._channel_vector(n, t, view) for n, t in
+                (("mean", mean), ("invstd", invstd), ("gamma", weight), ("beta", bias))]  # fmt: skip
+        extra = (sum_dz.to(stat).contiguous(), sum_dz_xhat.to(stat).contiguous(), int(count))
+        return td._backward_launch(
+            "dx", view, td._like("dy", dy, view), *vecs, code, slope, from_output, td._config(None, view), extra
+        )
+    cd = _compute_dtype(saved)
+    dx = _kernels.backward_dx_act(
+        _numpy(dy, cd), _numpy(saved, cd), _numpy(mean, cd), _numpy(invstd, cd),
+        _numpy(weight, cd), _numpy(bias, cd), act, slope, from_output,
+        _numpy(sum_dz, torch.float64), _numpy(sum_dz_xhat, torch.float64), count,
+    )  # fmt: skip
+    return _tensor(dx, saved.dtype)
+
+
 class _BatchNormActFunction(torch.autograd.Function):
-    """Training-mode BN + activation on the CPU kernels; returns ``(y, mean, var)``."""
+    """Training-mode BN + activation on the kernels; returns ``(y, mean, var)``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, act, slope, save_memory):  # type: ignore[override]
-        cd = _compute_dtype(x)
-        y, mean, var, invstd = _kernels.forward_train(
-            _numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd), eps, act, slope
-        )
-        y = _tensor(y, x.dtype)
-        mean, var, invstd = (torch.from_numpy(a) for a in (mean, var, invstd))
+        y, mean, var, invstd = forward_train_act(x, weight, bias, eps, act, slope)
         ctx.save_for_backward(y if save_memory else x, weight, bias, mean, invstd)
         ctx.config = (act, slope, save_memory)
         ctx.mark_non_differentiable(mean, var)
@@ -77,15 +197,11 @@ class _BatchNormActFunction(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
         saved, weight, bias, mean, invstd = ctx.saved_tensors
         act, slope, from_output = ctx.config
-        cd = _compute_dtype(saved)
-        dx, dweight, dbias = _kernels.backward(
-            _numpy(dy, cd), _numpy(saved, cd), mean.numpy(), invstd.numpy(),
-            _numpy(weight, cd), _numpy(bias, cd), act, slope, from_output,
-        )
+        dx, dweight, dbias = backward_act(dy, saved, mean, invstd, weight, bias, act, slope, from_output)
         need = ctx.needs_input_grad
-        dx = _tensor(dx, saved.dtype) if need[0] else None
-        dweight = _tensor(dweight, weight.dtype) if weight is not None and need[1] else None
-        dbias = _tensor(dbias, bias.dtype) if bias is not None and need[2] else None
+        dx = dx if need[0] else None
+        dweight = dweight.to(weight.dtype) if weight is not None and need[1] else None
+        dbias = dbias.to(bias.dtype) if bias is not None and need[2] else None
         return dx, dweight, dbias, None, None, None, None
 
 
@@ -97,6 +213,26 @@ def _activate(z: Tensor, act: str, slope: float) -> Tensor:
     if act == "silu":
         return F.silu(z)
     return z
+
+
+def _update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float) -> None:
+    """``running <- (1 - momentum) running + momentum batch``, var with Bessel's correction."""
+    if (
+        running_mean.device.type == "cpu"
+        and running_mean.dtype in _NUMPY_DTYPES
+        and running_var.dtype in _NUMPY_DTYPES
+        and mean.device.type == "cpu"
+    ):
+        # NumPy on the buffers' memory: four small torch ops cost ~10 us here, these ~3 us
+        rm, rv = running_mean.numpy(), running_var.numpy()
+        rm *= 1.0 - momentum
+        rm += momentum * mean.numpy()
+        rv *= 1.0 - momentum
+        rv += (momentum * count / (count - 1)) * var.numpy()
+        return
+    with torch.no_grad():
+        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum * count / (count - 1))
 
 
 def batch_norm_act(
@@ -115,8 +251,8 @@ def batch_norm_act(
     """``act(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))``.
 
     Same arguments and running-statistics update as ``torch.nn.functional.batch_norm``
-    (``momentum`` is the weight of the new batch), fused on CPU. ``save_memory`` keeps only
-    the output for backward (identity and leaky_relu only).
+    (``momentum`` is the weight of the new batch), fused on CPU and CUDA. ``save_memory``
+    keeps only the output for backward (identity and leaky_relu only).
 
     Shape:
         x, output: ``(N, C, *spatial)``; running stats, weight, bias: ``(C,)``.
@@ -124,6 +260,17 @@ def batch_norm_act(
     _kernels._act_code(act, negative_slope)
     if save_memory:
         _check_save_memory(act, negative_slope, weight)
+    return _batch_norm_act(
+        x, running_mean, running_var, weight, bias, training, momentum, eps, act, negative_slope, save_memory
+    )
+
+
+def _batch_norm_act(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+    bias: Tensor | None, training: bool, momentum: float, eps: float, act: str, negative_slope: float,
+    save_memory: bool,
+) -> Tensor:  # fmt: skip
+    """``batch_norm_act`` after its argument checks (the module makes them once, itself)."""
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean/running_var: required when training=False, got None; "
@@ -131,16 +278,17 @@ def batch_norm_act(
         recording = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias)
         )
-        if x.device.type != "cpu" or recording:
+        if recording:
             z = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
             return _activate(z, act, negative_slope)
-        cd = _compute_dtype(x)
-        y = _kernels.forward_inference(
-            _numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd),
-            _numpy(running_mean, torch.float64), _numpy(running_var, torch.float64),
-            eps, act, negative_slope,
-        )
-        return _tensor(y, x.dtype)
+        if x.numel() == 0:
+            return x.clone()
+        # float64 statistics on the CPU kernels (they compute scale/shift in float64); the
+        # Triton kernels want x's statistics dtype
+        stat = torch.float64 if _torch_ops._backend(x) is None else _compute_dtype(x)
+        mean = running_mean.detach().to(stat)
+        invstd = torch.rsqrt(running_var.detach().to(torch.float64) + eps).to(stat)
+        return normalize_act(x, mean, invstd, weight, bias, act, negative_slope)
     if x.numel() == 0:  # an empty batch: nothing to normalize, no statistics to update
         return _activate(x * 1.0, act, negative_slope)
     count = x.numel() // max(1, x.shape[1])
@@ -149,16 +297,10 @@ def batch_norm_act(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}; "
             "use a batch of at least 2 samples, or eval mode"
         )
-    if x.device.type != "cpu":
-        z = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
-        return _activate(z, act, negative_slope)
     y, mean, var = _BatchNormActFunction.apply(x, weight, bias, eps, act, negative_slope, save_memory)
     if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            # Bessel's correction: the running estimate is of the population variance.
-            unbiased = var * (count / (count - 1))
-            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        # Bessel's correction: the running estimate is of the population variance.
+        _update_running(running_mean, running_var, mean.to(running_mean.dtype), var.to(running_var.dtype), count, momentum)
     return y
 
 
@@ -194,11 +336,15 @@ class _BatchNormActMixin(BatchNormBase):
         save_memory: bool = False,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         _kernels._act_code(act, negative_slope)
         if save_memory:
             _check_save_memory(act, negative_slope, None)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)  # type: ignore[call-arg]
+        super().__init__(  # type: ignore[call-arg]
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
         self.act = act
         self.negative_slope = negative_slope
         self.save_memory = save_memory
@@ -217,7 +363,8 @@ class _BatchNormActMixin(BatchNormBase):
             _check_save_memory(self.act, self.negative_slope, self.weight)
         tracks = self._tracks_this_batch()
         running_mean, running_var = self._running_buffers()
-        y = batch_norm_act(
+        # _check_input made batch_norm_act's argument checks: call its body directly
+        y = _batch_norm_act(
             input,
             running_mean,
             running_var,
