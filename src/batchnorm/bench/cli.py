@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device",
         default="cpu",
         choices=("cpu", "cuda"),
-        help="cuda runs batchnorm.bench_gpu's suite (needs a GPU)",
+        help="cuda runs batchnorm.bench.gpu's suite (needs a GPU)",
     )
     parser.add_argument("--width", type=int, default=16, help="--model/--fold: base width (64 = ResNet-18)")
     parser.add_argument("--batch", type=int, default=64, help="--model/--fold: batch size")
@@ -131,7 +131,7 @@ def _cuda(args: argparse.Namespace, console: Any) -> dict | None:
             "False); run it on a machine with an NVIDIA GPU and a CUDA build of torch."
         )
         return None
-    from batchnorm.bench_gpu import run_cuda_suite
+    from batchnorm.bench.gpu import run_cuda_suite
 
     return {
         "title": f"CUDA: batchnorm vs torch.nn (median of {args.repeats})",

@@ -1,4 +1,4 @@
-"""bench_gpu: importable without CUDA; its whole code path smoke-tested on CPU.
+"""batchnorm.bench.gpu: importable without CUDA; its whole code path smoke-tested on CPU.
 
 On CPU the kernels run in Triton's interpreter and the timer is wall-clock, so only the
 structure of the results is checked, and the arithmetic of the bound.
@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from batchnorm import bench_gpu  # noqa: E402
+from batchnorm.bench import gpu as bench_gpu  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
