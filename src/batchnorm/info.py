@@ -27,9 +27,31 @@ def collect() -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
         "versions": {p: _version(p) for p in ("numpy", "numba", "torch", "triton", "matplotlib", "rich")},
         "threads": _dispatch.num_threads(),
-        "kernels": _dispatch.backend_table(),
+        "kernels": _dispatch.backend_table() + _gpu_rows(),
     }
     return info
+
+
+def _gpu_rows() -> list[dict[str, str]]:
+    """Where torch tensors that the NumPy kernels cannot take go."""
+    rows = [
+        {
+            "input": "torch bfloat16",
+            "layout": "as float32",
+            "kernel": "computed in float32 (NumPy has no bfloat16), cast back",
+        }
+    ]
+    try:
+        import torch
+    except ImportError:
+        return rows
+    triton = _version("triton")
+    if torch.cuda.is_available():
+        state = f"triton {triton}, {torch.cuda.get_device_name()}"
+    else:
+        state = "no CUDA device here" + ("" if triton != "not installed" else "; triton not installed")
+    rows.append({"input": "torch CUDA tensors", "layout": "any", "kernel": f"Triton kernels ({state})"})
+    return rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
