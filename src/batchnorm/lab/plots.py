@@ -82,6 +82,7 @@ def save(fig: Any, path: str | Path) -> Path:
             ax.legend(frameon=False, fontsize=9)
     fig.tight_layout()
     with plt.rc_context(_STYLE):
-        fig.savefig(path)
+        # "tight" grows the canvas to the suptitle, which is wider than a single panel.
+        fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
