@@ -20,7 +20,8 @@ from batchnorm.kernels import _dispatch
 RTOL = {np.float64: 1e-10, np.float32: 1e-5, np.float16: 3e-3}
 DTYPES = list(RTOL)
 LAYOUTS = ["contiguous", "channels_last", "sliced", "fortran"]
-SHAPES = [(7, 5), (4, 3, 33), (3, 6, 5, 7), (2, 3, 4, 5, 6), (1, 4, 9, 11)]
+# (2, 9, 5): 9 channels in 2 uneven channel blocks on 2 threads (the fused channels-first kernels)
+SHAPES = [(7, 5), (4, 3, 33), (3, 6, 5, 7), (2, 3, 4, 5, 6), (1, 4, 9, 11), (2, 9, 5)]
 
 
 def make(rng, shape, dtype, layout, loc=0.0, scale=1.0):
@@ -198,6 +199,22 @@ def test_large_offset_tiny_spread_float32(rng, shape, layout, path):
     np.testing.assert_allclose(dgamma, dgamma_ref, rtol=0, atol=1e-5 * np.max(np.abs(dgamma_ref)))
 
 
+@pytest.mark.parametrize("order", ["sorted", "outlier_first_rows", "shuffled"])
+def test_rows_stats_shift_fallbacks_stay_exact(rng, order):
+    # stats_rows sums x - k in float32 about a shift k (its first rows' mean); channels where
+    # k is far from the block mean are redone exactly: sorted rows (every channel, the whole
+    # block) and a few channels whose first rows sit 1e3 std away (column by column).
+    x = rng.normal(1e4, 1e-2, (2048, 96)).astype(np.float32)
+    if order == "sorted":
+        x.sort(axis=0)
+    elif order == "outlier_first_rows":
+        x[:8, :3] += 10.0
+    mean, var = kernels.channel_stats(x)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=1e-7)
+    np.testing.assert_allclose(var, x64.var(axis=0), rtol=1e-5)
+
+
 def test_empty_batch_returns_empty_output_and_nan_stats():
     x = np.zeros((0, 3, 4), np.float32)
     y, mean, var, invstd = kernels.forward_train(x, None, None, 1e-5)
@@ -306,18 +323,21 @@ def test_kernels_are_cached_on_disk_and_listed():
     from batchnorm.kernels import forward, stats
 
     modules = [sys.modules["batchnorm.kernels.backward"], forward, stats]
-    jitted = [f for m in modules for f in vars(m).values() if hasattr(f, "py_func")]
+    jitted = list({id(f): f for m in modules for f in vars(m).values() if hasattr(f, "py_func")}.values())
     jitted += [f.serial for f in jitted if hasattr(f, "serial")]
-    assert len(jitted) == 22
+    assert len(jitted) == 26  # 12 kernels with serial twins + _reduce_block, _stats_block
     assert all(type(f._cache).__name__ == "FunctionCache" for f in jitted)
     rows = kernels.backend_table()
     assert {"float32", "float64", "float16"} <= {r["input"] for r in rows}
     assert all(set(r) == {"input", "layout", "kernel"} for r in rows)
 
 
+@pytest.mark.parametrize("threads", [1, None])
 @pytest.mark.parametrize("shape", [(16384, 3), (16, 5, 32, 32)])
-def test_narrow_rows_regrouped_match_reference(rng, shape):
-    # Channels-last / (N, C) with C < 64 run as rows of C*k "virtual channels" (``_widen``).
+def test_narrow_rows_regrouped_match_reference(rng, shape, threads, monkeypatch):
+    # Channels-last / (N, C) with C < 64 run as rows of C*k "virtual channels" (``_widen``);
+    # one thread sends a small one to the one-call kernels (forward_train_rows, backward_rows).
+    monkeypatch.setattr(_dispatch, "_threads_override", threads)
     x = make(rng, shape, np.float32, "channels_last" if len(shape) > 2 else "contiguous", loc=5.0)
     rows = x.size // shape[1]
     assert _dispatch._widen(rows, shape[1], x.size) > 1

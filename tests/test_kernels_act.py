@@ -188,3 +188,51 @@ def test_errors_name_the_argument(rng):
         dispatch.backward(x, y, mean, invstd, None, None, "relu", SLOPE, True)
     with pytest.raises(ValueError, match="gamma: recovering x_hat"):
         dispatch.backward(x, y, mean, invstd, np.array([1.0, 0.0, 1.0]), None, "identity", SLOPE, True)
+
+
+@pytest.mark.parametrize("from_output", [False, True])
+@pytest.mark.parametrize("shape,name", CASES)
+def test_split_backward_over_two_halves_equals_the_whole(shape, name, from_output, rng, block_bytes):
+    """SyncBatchNormAct's use: reduce each half of the batch, add the sums, then each half's
+    dx with the summed sums and the global count, equals the backward over the whole batch."""
+    act = "leaky_relu"
+    x, gamma, beta, dy = make(shape, np.float64, name, rng)
+    y_ref, cache, dx_ref, dgamma_ref, dbeta_ref = expected(x, gamma, beta, dy, act)
+    y, mean, _, invstd = dispatch.forward_train(x, gamma, beta, 1e-5, act, SLOPE)
+    saved = y if from_output else x
+    cut = shape[0] // 2
+    halves = [(dy[:cut], saved[:cut]), (dy[cut:], saved[cut:])]
+    args = (mean, invstd, gamma, beta, act, SLOPE, from_output)
+    sums = [dispatch.backward_reduce_act(d, s, *args) for d, s in halves]
+    sum_dz, sum_dz_xhat = sums[0][0] + sums[1][0], sums[0][1] + sums[1][1]
+    close(sum_dz, dbeta_ref, np.float64)
+    close(sum_dz_xhat, dgamma_ref, np.float64)
+    count = x.size // shape[1]
+    dx = np.concatenate(
+        [dispatch.backward_dx_act(d, s, *args, sum_dz, sum_dz_xhat, count) for d, s in halves]
+    )
+    close(dx, dx_ref, np.float64)
+
+
+@pytest.mark.parametrize("out_layout", ["contiguous", "channels_last", "float32"])
+def test_out_argument_is_written(out_layout, rng):
+    """normalize_act and backward_dx_act write into out= (any layout; another dtype is cast)."""
+    shape, act = (4, 3, 5, 2), "silu"
+    x, gamma, beta, dy = make(shape, np.float64, "contiguous", rng)
+    y_ref, cache, dx_ref, _, dbeta_ref = expected(x, gamma, beta, dy, act)
+    dtype = np.float32 if out_layout == "float32" else np.float64
+    out = layout(np.zeros(shape, dtype), "channels_last" if out_layout == "channels_last" else "contiguous")
+    y = dispatch.normalize_act(x, cache.mean, cache.invstd, gamma, beta, act, SLOPE, out=out)
+    assert y is out
+    np.testing.assert_allclose(out, y_ref, atol=TOL[dtype] * max(1, np.abs(y_ref).max()))
+    sums = dispatch.backward_reduce_act(dy, x, cache.mean, cache.invstd, gamma, beta, act, SLOPE)
+    out2 = np.zeros_like(out)
+    dx = dispatch.backward_dx_act(
+        dy, x, cache.mean, cache.invstd, gamma, beta, act, SLOPE, False, *sums, x.size // 3, out=out2
+    )
+    assert dx is out2
+    np.testing.assert_allclose(out2, dx_ref, atol=TOL[dtype] * max(1, np.abs(dx_ref).max()))
+    with pytest.raises(ValueError, match="out: expected an array of x's shape"):
+        dispatch.normalize_act(x, cache.mean, cache.invstd, gamma, beta, act, SLOPE, out=np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="count: expected"):
+        dispatch.backward_dx_act(dy, x, cache.mean, cache.invstd, gamma, beta, act, SLOPE, False, *sums, 0)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from batchnorm import _torch_ops
@@ -120,6 +121,10 @@ def _forward_inference_impl(
     bias: Tensor | None,
     eps: float,
 ) -> Tensor:
+    if _torch_ops._direct(x) and running_var.device.type == "cpu":
+        # invstd in NumPy float64 (what the kernel works in anyway): rsqrt + add + cast as
+        # torch ops cost ~6 us of a (64, 16) eval call.
+        return _torch_ops.normalize_running(x, running_mean, running_var, eps, weight, bias)
     mean = running_mean.to(_compute_dtype(x))
     y = _torch_ops.normalize(x, mean, _invstd(running_var, eps, x), weight, bias)
     return _like(y, x)
@@ -247,6 +252,21 @@ class _Inference(torch.autograd.Function):
     backward = staticmethod(_backward_inference)  # type: ignore[assignment]
 
 
+def _needs_grad(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
+# ``Function.apply`` is a Python wrapper (argument binding, functorch unwrapping) around the
+# C++ apply; outside functorch transforms it only forwards the arguments. Calling the C++
+# apply directly: 7.5 -> 5.1 us per call (measured on a trivial Function).
+_TRAIN_APPLY = super(torch.autograd.Function, _Train).apply
+_INFERENCE_APPLY = super(torch.autograd.Function, _Inference).apply
+
+
 def batch_norm_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -254,11 +274,16 @@ def batch_norm_train(
 
     The custom-op dispatch costs about 100 us per call in eager mode (measured on (8, 4):
     131 us vs 69 us for the bare kernels, 239 us with autograd), which dominates small layers;
-    compilers and exporters need the op, eager execution does not.
+    compilers and exporters need the op, eager execution does not. Without any input that
+    needs a gradient the impl runs bare (no graph node to build).
     """
     if _tracing() or type(x) is not torch.Tensor:
         return forward_train(x, weight, bias, eps)
-    return _Train.apply(x, weight, bias, eps)
+    if not _needs_grad(x, weight, bias):
+        return _forward_train_impl(x, weight, bias, eps)
+    if torch._C._are_functorch_transforms_active():
+        return _Train.apply(x, weight, bias, eps)
+    return _TRAIN_APPLY(x, weight, bias, eps)
 
 
 def batch_norm_inference(
@@ -272,4 +297,64 @@ def batch_norm_inference(
     """``forward_inference`` with autograd; same dispatch rule as ``batch_norm_train``."""
     if _tracing() or type(x) is not torch.Tensor:
         return forward_inference(x, running_mean, running_var, weight, bias, eps)
-    return _Inference.apply(x, running_mean, running_var, weight, bias, eps)
+    if not _needs_grad(x, weight, bias):
+        # prediction under no_grad/inference_mode, the usual eval call: no graph node to
+        # build ((64, 16) module call: 83 -> 41 us, one thread)
+        return _forward_inference_impl(x, running_mean, running_var, weight, bias, eps)
+    if torch._C._are_functorch_transforms_active():
+        return _Inference.apply(x, running_mean, running_var, weight, bias, eps)
+    return _INFERENCE_APPLY(x, running_mean, running_var, weight, bias, eps)
+
+
+class _TrainEager(torch.autograd.Function):
+    """The modules' eager training forward on CPU float32/float64: y only, statistics on the side.
+
+    One output instead of four (each output is an autograd edge to set up) and the statistics
+    handed back as NumPy arrays through ``stats`` for the running-average update.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, stats):  # type: ignore[override]
+        y, mean, var, invstd = _torch_ops.forward_train_arrays(x, weight, bias, eps)
+        stats.append(mean)
+        stats.append(var)
+        ctx.save_for_backward(x, weight)
+        # The statistics stay NumPy arrays for the backward kernel (no tensor round trip).
+        ctx.mean, ctx.invstd = mean, invstd
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dx, dweight, dbias = _torch_ops.backward_arrays(_like(dy, x), x, ctx.mean, ctx.invstd, weight)
+        needs = ctx.needs_input_grad
+        return (
+            dx if needs[0] else None,
+            _param_grad(dweight, weight, needs[1]),
+            dbias.to(ctx.bias_dtype) if needs[2] else None,
+            None,
+            None,
+        )
+
+
+_TRAIN_EAGER_APPLY = super(torch.autograd.Function, _TrainEager).apply
+
+
+def train_eager(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, object, object]:
+    """``(y, mean, var)`` (statistics as NumPy arrays) for a plain CPU float32/float64 x in eager mode.
+
+    The caller (``BatchNormBase``'s fast path) has checked everything ``check_args`` checks.
+    """
+    if not _needs_grad(x, weight, bias):
+        y, mean, var, _ = _torch_ops.forward_train_arrays(x, weight, bias, eps)
+        return y, mean, var
+    stats: list = []
+    if torch._C._are_functorch_transforms_active():
+        y = _TrainEager.apply(x, weight, bias, eps, stats)
+    else:
+        y = _TRAIN_EAGER_APPLY(x, weight, bias, eps, stats)
+    return y, stats[0], stats[1]

@@ -162,6 +162,7 @@ def check_args(
             f"{input.ndim}-D with shape {shape}; add a batch axis, e.g. x[None] or x.unsqueeze(0)"
         )
     channels = shape[1]
+    input_is_torch = _is_torch(input)
     input_dtype = _dtype_name(input.dtype)
     for name, value in (
         ("weight", weight),
@@ -171,7 +172,12 @@ def check_args(
     ):
         if value is None:
             continue
-        if _is_torch(value) != _is_torch(input):
+        if input_is_torch and _is_torch(value):
+            # The common case decided in ~0.3 us per tensor: each module call comes through here
+            # (check_args took ~5 us of a (64, 16) forward before).
+            if value.shape == (channels,) and value.dtype == input.dtype and value.device == input.device:
+                continue
+        if _is_torch(value) != input_is_torch:
             raise TypeError(
                 f"{where}: {name} is a {type(value).__name__} but input is a {type(input).__name__}; "
                 "pass all arrays as torch tensors or all as NumPy arrays"
@@ -289,6 +295,24 @@ def update_running_(
     """
     import torch
 
+    from batchnorm._custom_ops import _tracing
+
+    if (
+        type(running_mean) is type(running_var) is type(mean) is type(var) is torch.Tensor
+        and running_mean.device.type == "cpu"
+        and not _tracing()
+        and not running_mean.requires_grad
+        and not running_var.requires_grad
+        and mean.dtype == running_mean.dtype == running_var.dtype == var.dtype
+    ):
+        # NumPy on the buffers' memory: 4 in-place torch ops cost ~8 us on (16,) buffers, these
+        # ~2 us. (The buffers' autograd version counter is not bumped; nothing saves them.)
+        rm, rv = running_mean.numpy(), running_var.numpy()
+        rm *= 1.0 - momentum
+        rm += momentum * mean.detach().numpy()
+        rv *= 1.0 - momentum
+        rv += (momentum * count / (count - 1)) * var.detach().numpy()
+        return
     with torch.no_grad():
         running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
         # Bessel's correction folded into the weight: the batch var is biased, the estimate not

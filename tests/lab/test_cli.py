@@ -12,10 +12,10 @@ from batchnorm.cli import main
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["demo", "--out", str(out), "--budget", "0.05", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--budget", "0.02", "--no-progress"]) == 0
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["experiments"]) == {"fig1", "lr", "distributions"}
-    assert doc["experiments"]["fig1"]["config"]["steps"] == 75  # 5% of the demo's 1500
+    assert doc["experiments"]["fig1"]["config"]["steps"] == 90  # 2% of the demo's 4500
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["distributions_cnn.png", "distributions_mlp.png", "fig1.png", "lr.png"]
     html = (out / "index.html").read_text()

@@ -176,3 +176,30 @@ def test_repr_and_state_dict_load_from_torch():
     torch_bn(torch.randn(4, 8, 3, 3))
     module.load_state_dict(torch_bn.state_dict())
     torch.testing.assert_close(module.running_var, torch_bn.running_var)
+
+
+@pytest.mark.parametrize("layout", ["2d", "1d-NC"])
+def test_bias_false_matches_torch(layout):
+    """torch 2.13's keyword-only bias=: every torch keyword constructs it; bias=False matches
+    torch's BatchNorm(bias=False) + activation, state_dict keys included."""
+    import inspect
+
+    ours_cls, torch_cls, shape, _ = LAYOUTS[layout]
+    defaults = {
+        k: p.default for k, p in inspect.signature(torch_cls).parameters.items() if k != "num_features"
+    }
+    ours_cls(shape[1], **defaults)
+    ours = ours_cls(shape[1], act="leaky_relu", negative_slope=SLOPE, save_memory=True, bias=False).double()
+    theirs = torch_cls(shape[1], bias=False).double()
+    assert ours.bias is None and set(ours.state_dict()) == set(theirs.state_dict())
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 3
+    dy = torch.randn(shape, dtype=torch.float64)
+    y, dx = run(ours, x, dy)
+    y_ref, dx_ref = run(theirs, x, dy, act="leaky_relu")
+    torch.testing.assert_close(y, y_ref, **tol(torch.float64))
+    torch.testing.assert_close(dx, dx_ref, **tol(torch.float64))
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **tol(torch.float64))
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **tol(torch.float64))

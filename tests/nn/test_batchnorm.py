@@ -354,3 +354,52 @@ def test_torch_export_eval_uses_the_standard_op_and_training_ours():
     model.eval()
     reference = _model(torch.nn.BatchNorm2d).eval()
     torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), reference(x))
+
+
+class _GeneralPath(bnn.BatchNorm2d):
+    """Overrides a hook (with the same behaviour), which must turn the eager fast path off."""
+
+    def _count_batch(self):
+        super()._count_batch()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fast_path_agrees_with_the_general_path(dtype, layout):
+    fast, general = bnn.BatchNorm2d(5, dtype=dtype), _GeneralPath(5, dtype=dtype)
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5)
+        fast.bias.uniform_(-1, 1)
+    general.load_state_dict(fast.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    for mode in SCHEDULE:
+        x = _layout(torch.randn(4, 5, 3, 6, generator=gen, dtype=dtype) * 3 + 2, layout)
+        dy = torch.randn(4, 5, 3, 6, generator=gen, dtype=dtype)
+        outs = []
+        for m in (fast, general):
+            m.train(mode == "train")
+            m.zero_grad()
+            xi = x.clone().requires_grad_()
+            y = m(xi)
+            y.backward(dy)
+            outs.append([y, xi.grad, m.weight.grad, m.bias.grad, *m.buffers()])
+        for a, b in zip(*outs, strict=True):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+    assert fast.num_batches_tracked.item() == SCHEDULE.count("train")
+
+
+def test_fast_path_declines_what_it_does_not_handle():
+    bn = bnn.BatchNorm2d(3)
+    assert bn._forward_fast(torch.randn(2, 3, 4, 4)) is not None
+    assert bn._forward_fast(torch.randn(2, 3, 4, 4, dtype=torch.float16)) is None
+    assert bn._forward_fast(torch.randn(2, 4, 4, 4)) is None  # wrong channels: general path raises
+    assert bn._forward_fast(torch.randn(1, 3, 1, 1)) is None  # one value per channel in training
+    assert bnn.BatchNorm2d(3, momentum=None)._forward_fast(torch.randn(2, 3, 4, 4)) is None
+    before = bn.num_batches_tracked.item()
+    with pytest.raises(ValueError, match="num_features=3"):
+        bn(torch.randn(2, 4, 4, 4))
+    assert bn.num_batches_tracked.item() == before
+    with torch.no_grad():
+        bn.eval()
+        y = bn._forward_fast(torch.randn(2, 3, 4, 4))
+    assert y is not None and y.grad_fn is None

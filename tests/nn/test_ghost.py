@@ -131,3 +131,62 @@ def test_repr_and_errors():
         m(torch.randn(8, 3, 2, 2))
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def torch_keywords(torch_cls) -> dict:
+    """Every keyword torch's constructor accepts, at its default value."""
+    import inspect
+
+    params = inspect.signature(torch_cls).parameters
+    return {name: p.default for name, p in params.items() if name != "num_features"}
+
+
+@pytest.mark.parametrize(
+    "cls,torch_cls,shape",
+    [
+        (GhostBatchNorm1d, torch.nn.BatchNorm1d, (8, 3, 5)),
+        (GhostBatchNorm2d, torch.nn.BatchNorm2d, (8, 3, 2, 2)),
+    ],
+)
+def test_constructor_accepts_torch_keywords_and_bias_false(cls, torch_cls, shape):
+    kwargs = torch_keywords(torch_cls)
+    assert "bias" in kwargs  # torch 2.13's keyword-only bias=
+    cls(3, virtual_batch_size=4, **kwargs)
+    m = cls(3, virtual_batch_size=4, bias=False).double()
+    assert m.bias is None and set(m.state_dict()) == set(torch_cls(3, bias=False).state_dict())
+    # bias=False equals bias=True with a zero bias, gradients included
+    full = cls(3, virtual_batch_size=4).double()
+    with torch.no_grad():
+        full.weight.copy_(torch.linspace(0.5, 1.5, 3))
+        m.weight.copy_(full.weight)
+        full.bias.zero_()
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(shape, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    m(xa).backward(dy)
+    full(xb).backward(dy)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.weight.grad, full.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.running_var, full.running_var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_chunks_write_into_the_output_without_a_copy(monkeypatch, dtype):
+    """CPU float32/64 chunks run the kernels with out= on slices of the output: the
+    allocate-then-copy path (_torch_ops) is not used."""
+    from batchnorm import _torch_ops
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the per-chunk copy path was taken")
+
+    monkeypatch.setattr(_torch_ops, "forward_train", forbidden)
+    monkeypatch.setattr(_torch_ops, "backward", forbidden)
+    m = GhostBatchNorm2d(3, virtual_batch_size=3).to(dtype)
+    x = (torch.randn(7, 3, 2, 2, dtype=dtype) * 2 + 1).to(memory_format=torch.channels_last).requires_grad_()
+    y = m(x)
+    y.backward(torch.ones_like(y))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    chunk = x.detach()[:3]
+    torch.testing.assert_close(
+        y[:3], torch.nn.functional.batch_norm(chunk, None, None, m.weight, m.bias, True), rtol=1e-5, atol=1e-5
+    )

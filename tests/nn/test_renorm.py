@@ -192,3 +192,34 @@ def test_error_leaves_state_untouched():
         m(torch.randn(1, 3))
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize(
+    "cls,torch_cls", [(BatchRenorm1d, torch.nn.BatchNorm1d), (BatchRenorm2d, torch.nn.BatchNorm2d)]
+)
+def test_constructor_accepts_torch_keywords_and_bias_false(cls, torch_cls):
+    import inspect
+
+    kwargs = {k: p.default for k, p in inspect.signature(torch_cls).parameters.items() if k != "num_features"}
+    assert "bias" in kwargs  # torch 2.13's keyword-only bias=
+    cls(3, **kwargs)
+    m = cls(3, bias=False, warmup_steps=0).double()
+    expected = set(torch_cls(3, bias=False).state_dict()) | {"renorm_step"}
+    assert m.bias is None and set(m.state_dict()) == expected
+    with pytest.raises(ValueError, match="track_running_stats must be True"):
+        cls(3, track_running_stats=False)
+    # bias=False equals bias=True with a zero bias, with clipping active (r, d from old stats)
+    full = cls(3, warmup_steps=0).double()
+    with torch.no_grad():
+        full.bias.zero_()
+        for mod in (m, full):
+            mod.running_mean.fill_(0.5)
+            mod.running_var.fill_(4.0)
+    shape = (8, 3) if cls is BatchRenorm1d else (4, 3, 2, 2)
+    x = torch.randn(shape, dtype=torch.float64) * 0.3 + 2
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(shape, dtype=torch.float64)
+    m(xa).backward(dy)
+    full(xb).backward(dy)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.weight.grad, full.weight.grad, rtol=1e-12, atol=1e-12)

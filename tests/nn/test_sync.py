@@ -36,6 +36,15 @@ CASES_3 = {
     "uneven": ([1, 4, 2], (3, 4, 5), "float64", False, True, 0.1),
     "empty": ([2, 0, 5], (3, 4, 5), "float64", False, True, 0.1),
 }
+# SyncBatchNormAct on ranks {0, 1} against BatchNormAct on the whole batch:
+# name -> (local batch sizes, trailing shape, dtype, channels_last, affine, momentum, (act, save_memory))
+CASES_ACT = {
+    "relu_uneven": ([3, 6], (3, 4, 5), "float64", False, True, 0.1, ("relu", False)),
+    "leaky_save_memory": ([4, 4], (3, 4, 5), "float64", False, True, 0.1, ("leaky_relu", True)),
+    "silu_channels_last_f32": ([3, 4], (3, 4, 5), "float32", True, True, 0.1, ("silu", False)),
+    "identity_save_memory_empty": ([0, 5], (3, 4, 5), "float64", False, False, None, ("identity", True)),
+    "leaky_flat_1d": ([5, 2], (6,), "float64", False, True, 0.1, ("leaky_relu", False)),
+}
 STEPS = 2
 
 
@@ -52,19 +61,41 @@ def _count_collectives(counter: dict[str, int]) -> None:
         setattr(dist, name, counted)
 
 
-def _run_case(rank, group, sizes, trailing, dtype_name, channels_last, affine, momentum, counter):
+def _count_calls(*names: str) -> dict[str, int]:
+    """Count calls of batchnorm.nn.act's kernel entry points (proves the fused route is taken)."""
+    from batchnorm.nn import act as act_ops
+
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(act_ops, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(act_ops, name, counted)
+    return calls
+
+
+def _run_case(rank, group, sizes, trailing, dtype_name, channels_last, affine, momentum, counter, act=None):
     import torch.distributed as dist
 
-    from batchnorm.nn import SyncBatchNorm
+    from batchnorm.nn import BatchNormAct1d, BatchNormAct2d, SyncBatchNorm, SyncBatchNormAct
 
     dtype = getattr(torch, dtype_name)
     c = trailing[0]
     n = sum(sizes)
     start = sum(sizes[:rank])
-    sync = SyncBatchNorm(c, affine=affine, momentum=momentum, process_group=group).to(dtype)
-    ref = (torch.nn.BatchNorm2d if len(trailing) == 3 else torch.nn.BatchNorm1d)(
-        c, affine=affine, momentum=momentum
-    ).to(torch.float64)
+    if act is None:
+        sync = SyncBatchNorm(c, affine=affine, momentum=momentum, process_group=group).to(dtype)
+        ref = (torch.nn.BatchNorm2d if len(trailing) == 3 else torch.nn.BatchNorm1d)(
+            c, affine=affine, momentum=momentum
+        ).to(torch.float64)
+    else:
+        # the fused reference: BatchNormAct on the whole batch (itself tested against torch)
+        kwargs = dict(affine=affine, momentum=momentum, act=act[0], negative_slope=0.2, save_memory=act[1])
+        sync = SyncBatchNormAct(c, process_group=group, **kwargs).to(dtype)
+        ref = (BatchNormAct2d if len(trailing) == 3 else BatchNormAct1d)(c, **kwargs).to(torch.float64)
     if affine:
         with torch.no_grad():
             sync.weight.copy_(torch.linspace(0.5, 1.5, c))
@@ -134,6 +165,11 @@ def sync_worker(rank: int, world: int) -> dict:
     results: dict = {"2": {}, "3": {}}
     if rank < 2:
         results["2"] = {name: _run_case(rank, pair, *case, counter) for name, case in CASES_2.items()}
+        fused = _count_calls("backward_reduce_act", "backward_dx_act", "normalize_act")
+        results["act"] = {
+            name: _run_case(rank, pair, *case[:6], counter, case[6]) for name, case in CASES_ACT.items()
+        }
+        results["act_fused_calls"] = dict(fused)
     results["3"] = {name: _run_case(rank, None, *case, counter) for name, case in CASES_3.items()}
     # a global batch of one value per channel: every rank raises, the group stays usable
     try:
@@ -181,6 +217,19 @@ def test_two_processes(spawned, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES_ACT))
+def test_two_processes_fused_act(spawned, name):
+    """SyncBatchNormAct (fused, save_memory kept) equals BatchNormAct on the global batch,
+    with the same one collective per pass as SyncBatchNorm."""
+    _check([r["act"] for r in spawned[:2]], name, CASES_ACT[name][2])
+    # rank 1 is never empty: every training step ran the fused kernels (eval runs normalize_act too)
+    calls = spawned[1]["act_fused_calls"]
+    steps = len(CASES_ACT) * STEPS
+    assert calls["backward_reduce_act"] == calls["backward_dx_act"] == steps, calls
+    assert calls["normalize_act"] >= steps, calls
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES_3))
 def test_three_processes(spawned, name):
     _check([r["3"] for r in spawned], name, CASES_3[name][2])
@@ -218,7 +267,7 @@ def test_without_process_group_is_batchnorm_and_warns_once():
 
 def test_convert_round_trip_keeps_state_and_activation():
     from batchnorm.nn import BatchNormAct2d, GhostBatchNorm2d, SyncBatchNorm
-    from batchnorm.nn.sync import SyncBatchNormAct
+    from batchnorm.nn.sync_act import SyncBatchNormAct
 
     model = torch.nn.Sequential(
         torch.nn.Conv2d(2, 4, 3),
@@ -256,10 +305,38 @@ def test_convert_round_trip_keeps_state_and_activation():
     torch.testing.assert_close(fresh(x), before)
 
 
+def test_convert_keeps_save_memory_and_fused_result():
+    from batchnorm.nn import BatchNormAct2d, SyncBatchNorm
+    from batchnorm.nn import sync as sync_module
+    from batchnorm.nn.sync_act import SyncBatchNormAct
+
+    sync_module._warned_no_group = True
+    original = BatchNormAct2d(3, act="leaky_relu", negative_slope=0.1, save_memory=True).double()
+    copy = BatchNormAct2d(3, act="leaky_relu", negative_slope=0.1, save_memory=True).double()
+    converted = SyncBatchNorm.convert_sync_batchnorm(copy)
+    assert (
+        type(converted) is SyncBatchNormAct
+        and converted.save_memory
+        and "save_memory=True" in repr(converted)
+    )
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64) * 2 + 1
+    dy = torch.randn_like(x)
+    for m in (original, converted):
+        xg = x.clone().requires_grad_()
+        m(xg).backward(dy)
+        m.grad_x = xg.grad
+    torch.testing.assert_close(converted.grad_x, original.grad_x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(converted.running_var, original.running_var, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="save_memory"):
+        SyncBatchNormAct(3, act="silu", save_memory=True)
+    with pytest.raises(ValueError, match="save_memory"):
+        SyncBatchNormAct(3, act=torch.nn.Tanh(), save_memory=True)
+
+
 def test_sync_batchnorm_act_applies_activation():
     from batchnorm.nn import BatchNormAct2d
     from batchnorm.nn import sync as sync_module
-    from batchnorm.nn.sync import SyncBatchNormAct
+    from batchnorm.nn.sync_act import SyncBatchNormAct
 
     sync_module._warned_no_group = True  # the no-group warning is tested above
     x = torch.randn(4, 3, 3, 3, dtype=torch.float64)

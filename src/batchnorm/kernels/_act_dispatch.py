@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 
@@ -46,21 +47,35 @@ INVERTIBLE = ("identity", "leaky_relu")
 # stay in the per-core L2 (1 MiB here) next to the partial sums; 256 KiB leaves room for the
 # output stream.
 _BLOCK_BYTES = 256 * 1024
+# (N, C, S) backward: a channel's dy and x slabs (2 N S values) up to this size are processed
+# by one thread in one kernel, read from memory once; larger ones, or fewer channels than
+# threads, take the two-kernel path (sums, then dx) split over (n, c) rows. 1 MiB: the L2.
+_SLAB_BYTES = 1024 * 1024
 
 
-def _kernels():
-    # numba is imported with the first kernel call, so `import batchnorm.kernels` stays light.
-    from batchnorm.kernels import act as kernels
+_modules: dict[str, Any] = {}
 
+
+def _kernels():  # type: ignore[no-untyped-def]
+    # numba is imported with the first kernel call, so `import batchnorm.kernels` stays light;
+    # kept in a dict afterwards (an import statement per call costs ~1 us).
+    kernels = _modules.get("act")
+    if kernels is None:
+        from batchnorm.kernels import act as kernels
+
+        _modules["act"] = kernels
     return kernels
 
 
 def _threads(size: int) -> int:
     """Threads for ``size`` elements: the BN kernels' policy (one thread below their
     ``_PARALLEL_MIN``, else torch's thread count), sharing its override."""
-    from batchnorm.kernels import _dispatch
+    dispatch = _modules.get("dispatch")
+    if dispatch is None:
+        from batchnorm.kernels import _dispatch as dispatch
 
-    return _dispatch._use_threads(size)
+        _modules["dispatch"] = dispatch
+    return dispatch._use_threads(size)
 
 
 def _k(kernel, threads: int):  # type: ignore[no-untyped-def]
@@ -85,7 +100,6 @@ def _compute_dtype(x: np.ndarray) -> np.dtype:
             "convert it with x.astype(np.float32)"
         )
     return np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
-
 
 
 def _canonical(x: np.ndarray, dtype: np.dtype) -> tuple[str, np.ndarray]:
@@ -115,8 +129,8 @@ def _in_layout(a: np.ndarray, layout: str, dtype: np.dtype) -> np.ndarray:
     """``a`` (same shape as x) as a C-contiguous array in the given kernel layout."""
     if a.dtype != dtype:
         a = a.astype(dtype)
-    if a.ndim == 2 and a.flags.c_contiguous:
-        return a
+    if a.ndim == 2:
+        return np.ascontiguousarray(a)  # (N, C): already the rc layout, if not its strides
     n, c = a.shape[:2]
     if layout == "rc":
         return np.ascontiguousarray(np.moveaxis(a, 1, -1)).reshape(-1, c)
@@ -280,14 +294,20 @@ def forward_train(x, gamma, beta, eps: float, act: str = "relu", slope: float = 
     layout, v = _canonical(x, dtype)
     if v.size == 0:
         raise ValueError(f"x: expected at least one value per channel, got shape {x.shape}")
-    mean, var = _stats(layout, v, _threads(v.size))
-    invstd = 1.0 / np.sqrt(var + eps)
+    threads = _threads(v.size)
     g, b = _affine(gamma, beta, x.shape[1])
-    scale = g * invstd
-    shift = b - mean * scale
     # the layout and its view are reused: the public normalize_act would redo both
     y_view, y = _empty_like_layout(x, layout, dtype)
-    _normalize_into(layout, v, scale, shift, code, float(slope), y_view)
+    if layout == "rc" and threads == 1 and v.nbytes <= _BLOCK_BYTES:
+        channels = x.shape[1]
+        mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
+        _kernels().forward_train_act_rows(v, g, b, float(eps), code, float(slope), y_view, mean, var, invstd)
+    else:
+        mean, var = _stats(layout, v, threads)
+        invstd = 1.0 / np.sqrt(var + eps)
+        scale = g * invstd
+        shift = b - mean * scale
+        _normalize_into(layout, v, scale, shift, code, float(slope), y_view)
     y = _finish(y, x.dtype)
     if dtype == np.float64:
         return y, mean, var, invstd
@@ -350,7 +370,9 @@ def _dx(layout: str, args: tuple, sum_dz, sum_dz_xhat, count: int, threads: int,
     if layout == "ncs":
         _k(k.backward_dx_ncs, threads)(*full, dx_view)
     else:
-        _k(k.backward_dx_rc, threads)(*full, _row_starts(v.shape[0], v.shape[1], v.itemsize, threads), dx_view)
+        _k(k.backward_dx_rc, threads)(
+            *full, _row_starts(v.shape[0], v.shape[1], v.itemsize, threads), dx_view
+        )
 
 
 def backward_reduce_act(
@@ -416,10 +438,37 @@ def backward(
     """
     dtype, layout, v, args = _backward_args(dy, saved, mean, invstd, gamma, beta, act, slope, from_output)
     threads = _threads(v.size)
-    dbeta, dgamma = _reduce(layout, args, threads)
     dx_view, dx = _empty_like_layout(saved, layout, dtype)
-    _dx(layout, args, dbeta, dgamma, saved.size // max(1, saved.shape[1]), threads, dx_view)
+    channels = v.shape[1]
+    if layout == "rc" and threads == 1 and 2 * v.nbytes <= _BLOCK_BYTES and v.size:
+        dbeta, dgamma = np.empty(channels), np.empty(channels)
+        _kernels().backward_act_rows(*args, dx_view, dbeta, dgamma)
+    elif layout == "ncs" and channels >= threads and 2 * v.nbytes // max(1, channels) <= _SLAB_BYTES:
+        dbeta, dgamma = np.empty(channels), np.empty(channels)
+        _k(_kernels().backward_channels_ncs, threads)(*args, dx_view, dbeta, dgamma)
+    else:
+        dbeta, dgamma = _reduce(layout, args, threads)
+        _dx(layout, args, dbeta, dgamma, saved.size // max(1, saved.shape[1]), threads, dx_view)
     dx = _finish(dx, saved.dtype)
     if dtype == np.float64:
         return dx, dgamma, dbeta
     return dx, dgamma.astype(dtype), dbeta.astype(dtype)
+
+
+def update_running_(
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    count: int,
+    momentum: float,
+) -> None:
+    """In place: ``running <- (1 - momentum) running + momentum batch``, the variance with
+    Bessel's correction ``var * count / (count - 1)`` (torch's convention; ``var`` is biased).
+
+    Shape:
+        all ``(C,)``; the running arrays must be writable float32 or float64.
+    """
+    _kernels().update_running(
+        running_mean, running_var, mean, var, float(momentum), float(momentum) * count / (count - 1)
+    )

@@ -19,9 +19,10 @@ Functions::
     backward(dy, x, mean, invstd, gamma)      -> (dx, dgamma, dbeta)
 
 Every input is viewed as one of two canonical layouts (``_layout``): channels-first
-``(N, C, S)``, where kernels run over (channel, block) units, and rows ``(R, C)`` ((N, C) and
-channels-last), where kernels run over row blocks vectorized across channels. This module picks
-the kernel and the work split by layout, size and thread count.
+``(N, C, S)``, where the fused kernels run over blocks of consecutive channels and the others
+over the ``(n, c)`` rows of S values (split into pieces when long), both in memory order; and
+rows ``(R, C)`` ((N, C) and channels-last), where kernels run over row blocks vectorized across
+channels. This module picks the kernel and the work split by layout, size and thread count.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ from batchnorm.kernels.stats import stats_cf, stats_rows
 # A channel's slab (x, or x and dy in backward) up to this size is processed by one thread in
 # one go, its later passes served from cache (the 2 MiB L2 per core, 32 MiB shared L3 here).
 _SLAB_BYTES = 4 << 20
+# Fused channels-first kernels work on blocks of consecutive channels of about this size.
+_CHANNEL_BLOCK_BYTES = 1 << 20
 # Split reductions use blocks up to this size so their second pass hits L2.
 _BLOCK_BYTES = 1 << 20
 # Rows layout: blocks of rows up to this size (a block's partial sums are C float64 each).
@@ -135,16 +138,33 @@ def _k(kernel, threads: int):  # type: ignore[no-untyped-def]
     return kernel.serial if threads == 1 else kernel
 
 
-def _blocks_cf(n: int, c: int, s: int, itemsize: int, threads: int) -> int:
-    """Blocks per channel: enough (channel, block) units to balance threads, blocks that fit L2."""
-    m = n * s
-    by_cache = -(-m * itemsize // _BLOCK_BYTES)
-    by_balance = 1 if c % threads == 0 or c >= 8 * threads else -(-8 * threads // c)
-    return max(1, min(max(by_cache, by_balance), m // 1024 if m >= 1024 else 1))
+def _seg_cf(rows: int, s: int, itemsize: int, threads: int) -> int:
+    """Pieces per (n, c) row of S values for the unfused channels-first kernels.
+
+    Rows longer than _BLOCK_BYTES are split so a piece's second pass hits cache; few rows
+    (N * C < 4 * threads) are split so every thread gets work.
+    """
+    by_cache = -(-s * itemsize // _BLOCK_BYTES)
+    by_balance = -(-4 * threads // rows) if threads > 1 else 1
+    return max(1, min(max(by_cache, by_balance), s))
 
 
-def _fused_cf(n: int, c: int, s: int, slab_bytes: int, threads: int) -> bool:
-    return n * s * slab_bytes <= _SLAB_BYTES and (c % threads == 0 or c >= 8 * threads)
+def _channel_blocks(n: int, c: int, s: int, slab_bytes: int, threads: int) -> int:
+    """Blocks of consecutive channels for the fused kernels, or 0 where they do not apply.
+
+    A block's slab (``slab_bytes`` per value: x, or x and dy) is about _CHANNEL_BLOCK_BYTES so
+    its later passes come from L2; the block count is a multiple of the thread count. Not
+    fused when one channel's slab exceeds _SLAB_BYTES or the blocks would leave threads idle.
+    """
+    per_channel = n * s * slab_bytes
+    if per_channel > _SLAB_BYTES:
+        return 0
+    nb = max(1, -(-c * per_channel // _CHANNEL_BLOCK_BYTES))
+    nb = -(-nb // threads) * threads
+    if nb < c and (c % nb == 0 or c // nb >= 4):
+        return nb
+    # one channel per block (e.g. (16, 64, 112, 112): 64 blocks of 800 KB), if that balances
+    return c if c % threads == 0 or c >= 8 * threads else 0
 
 
 def _blocks_rows(r: int, c: int, itemsize: int, threads: int) -> int:
@@ -192,25 +212,31 @@ def _stats64(xv: np.ndarray, kind: str, threads: int) -> tuple[np.ndarray, np.nd
         return mean, var
     mean, var = np.empty(c), np.empty(c)
     n, _, s = xv.shape
-    _k(stats_cf, threads)(xv, _blocks_cf(n, c, s, xv.itemsize, threads), mean, var)
+    _k(stats_cf, threads)(xv.reshape(n * c, s), c, _seg_cf(n * c, s, xv.itemsize, threads), mean, var)
     return mean, var
 
 
 def _normalize64(xv, kind, mean, scale, shift, yv, threads) -> None:  # type: ignore[no-untyped-def]
     """y = (x - mean) * scale + shift from float64 vectors, in x's dtype with a two-part mean."""
-    dt = xv.dtype
-    hi = mean.astype(dt)
-    lo = (mean - hi).astype(dt)
-    scale, shift = scale.astype(dt), shift.astype(dt)
     if kind == ROWS:
         k = _widen(xv.shape[0], xv.shape[1], xv.size)
         xw = _wide(xv, k)
         nblk = _blocks_rows(xw.shape[0], xw.shape[1], xv.itemsize, threads)
-        vectors = [_tile(v, k) for v in (hi, lo, scale, shift)]
-        _k(normalize_rows, threads)(xw, *vectors, nblk, _wide(yv, k))
+        _k(normalize_rows, threads)(xw, mean, scale, shift, nblk, _wide(yv, k))
     else:
+        dt = xv.dtype
+        hi = mean.astype(dt)
+        lo = (mean - hi).astype(dt)
+        scale, shift = scale.astype(dt), shift.astype(dt)
         n, c, s = xv.shape
-        _k(normalize_cf, threads)(xv, hi, lo, scale, shift, _blocks_cf(n, c, s, xv.itemsize, threads), yv)
+        seg = _seg_cf(n * c, s, xv.itemsize, threads)
+        _k(normalize_cf, threads)(xv.reshape(n * c, s), c, hi, lo, scale, shift, seg, yv.reshape(n * c, s))
+
+
+def _two_part(mean: np.ndarray, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A float64 vector as ``hi + lo`` in dtype ``dt`` (``lo = 0`` for float64)."""
+    hi = mean.astype(dt)
+    return hi, (mean - hi).astype(dt)
 
 
 def _reduce64(dyv, xv, kind, mean, invstd, threads) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -220,13 +246,17 @@ def _reduce64(dyv, xv, kind, mean, invstd, threads) -> tuple[np.ndarray, np.ndar
         xw = _wide(xv, k)
         sum_dy, sum_dy_xhat = np.empty(c * k), np.empty(c * k)
         nblk = _blocks_rows(xw.shape[0], c * k, 2 * xv.itemsize, threads)
+        hi, lo = _two_part(mean, xv.dtype)
         _k(backward_reduce_rows, threads)(
-            _wide(dyv, k), xw, _tile(mean, k), _tile(invstd, k), nblk, sum_dy, sum_dy_xhat
+            _wide(dyv, k), xw, _tile(hi, k), _tile(lo, k), _tile(invstd, k), nblk, sum_dy, sum_dy_xhat
         )
         return sum_dy.reshape(k, c).sum(axis=0), sum_dy_xhat.reshape(k, c).sum(axis=0)
     sum_dy, sum_dy_xhat = np.empty(c), np.empty(c)
-    nblk = _blocks_cf(xv.shape[0], c, xv.shape[2], 2 * xv.itemsize, threads)
-    _k(backward_reduce_cf, threads)(dyv, xv, mean, invstd, nblk, sum_dy, sum_dy_xhat)
+    n, _, s = xv.shape
+    seg = _seg_cf(n * c, s, 2 * xv.itemsize, threads)
+    _k(backward_reduce_cf, threads)(
+        dyv.reshape(n * c, s), xv.reshape(n * c, s), c, mean, invstd, seg, sum_dy, sum_dy_xhat
+    )
     return sum_dy, sum_dy_xhat
 
 
@@ -297,12 +327,19 @@ def forward_train(
         return y.result(x.dtype), nan, nan.copy(), nan.copy()
     threads = _use_threads(xc.size)
     xv = _view(xc, kind)
-    if kind == ROWS and threads == 1 and xv.nbytes <= _ROW_BLOCK_BYTES:
+    if kind == ROWS:
+        # One call for every rows input (was: small ones on one thread only): with the
+        # one-pass float32 block statistics it no longer loses to stats_rows + normalize_rows.
         mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
-        forward_train_rows(xv, gamma64, beta64, float(eps), y.view, mean, var, invstd)
-    elif kind != ROWS and _fused_cf(xv.shape[0], c, xv.shape[2], xv.itemsize, threads):
+        k = _widen(xv.shape[0], c, xv.size)
+        xw = _wide(xv, k)
+        nblk = _blocks_rows(xw.shape[0], c * k, xv.itemsize, threads)
+        _k(forward_train_rows, threads)(
+            xw, k, nblk, gamma64, beta64, float(eps), _wide(y.view, k), mean, var, invstd
+        )
+    elif kind != ROWS and (nb := _channel_blocks(xv.shape[0], c, xv.shape[2], xv.itemsize, threads)):
         mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
-        _k(forward_train_cf, threads)(xv, gamma64, beta64, float(eps), y.view, mean, var, invstd)
+        _k(forward_train_cf, threads)(xv, nb, gamma64, beta64, float(eps), y.view, mean, var, invstd)
     else:
         mean, var = _stats64(xv, kind, threads)
         invstd = 1.0 / np.sqrt(var + eps)
@@ -374,12 +411,16 @@ def _dx64(dyv, xv, kind, mean, a, mdy, k, dxv, threads) -> None:  # type: ignore
         w = _widen(xv.shape[0], xv.shape[1], xv.size)
         xw = _wide(xv, w)
         nblk = _blocks_rows(xw.shape[0], xw.shape[1], 2 * xv.itemsize, threads)
-        _k(backward_dx_rows, threads)(
-            _wide(dyv, w), xw, _tile(mean, w), _tile(a, w), _tile(mdy, w), _tile(k, w), nblk, _wide(dxv, w)
-        )
+        dt = xv.dtype
+        vectors = [_tile(v, w) for v in (*_two_part(mean, dt), a.astype(dt), mdy.astype(dt), k.astype(dt))]
+        _k(backward_dx_rows, threads)(_wide(dyv, w), xw, *vectors, nblk, _wide(dxv, w))
     else:
-        nblk = _blocks_cf(xv.shape[0], xv.shape[1], xv.shape[2], 2 * xv.itemsize, threads)
-        _k(backward_dx_cf, threads)(dyv, xv, mean, a, mdy, k, nblk, dxv)
+        n, c, s = xv.shape
+        seg = _seg_cf(n * c, s, 2 * xv.itemsize, threads)
+        r = n * c
+        _k(backward_dx_cf, threads)(
+            dyv.reshape(r, s), xv.reshape(r, s), c, mean, a, mdy, k, seg, dxv.reshape(r, s)
+        )
 
 
 def backward(
@@ -405,10 +446,15 @@ def backward(
     if xc.size:
         threads = _use_threads(xc.size)
         xv, dyv = _view(xc, kind), _view(dyc, kind)
-        if kind == ROWS and threads == 1 and 2 * xv.nbytes <= _ROW_BLOCK_BYTES:
-            backward_rows(dyv, xv, mean64, invstd64, gamma64, dx.view, sum_dy, sum_dy_xhat)
-        elif kind != ROWS and _fused_cf(xv.shape[0], c, xv.shape[2], 2 * xv.itemsize, threads):
-            _k(backward_cf, threads)(dyv, xv, mean64, invstd64, gamma64, dx.view, sum_dy, sum_dy_xhat)
+        if kind == ROWS:
+            k = _widen(xv.shape[0], c, xv.size)
+            xw = _wide(xv, k)
+            nblk = _blocks_rows(xw.shape[0], c * k, 2 * xv.itemsize, threads)
+            _k(backward_rows, threads)(
+                _wide(dyv, k), xw, k, nblk, mean64, invstd64, gamma64, _wide(dx.view, k), sum_dy, sum_dy_xhat
+            )
+        elif kind != ROWS and (nb := _channel_blocks(xv.shape[0], c, xv.shape[2], 2 * xv.itemsize, threads)):
+            _k(backward_cf, threads)(dyv, xv, nb, mean64, invstd64, gamma64, dx.view, sum_dy, sum_dy_xhat)
         else:
             m = xc.size // c
             sum_dy, sum_dy_xhat = _reduce64(dyv, xv, kind, mean64, invstd64, threads)
@@ -421,7 +467,9 @@ def backend_table() -> list[dict[str, str]]:
     """One row per (input dtype, layout): the kernel that runs, for ``batchnorm info``."""
     threads = f"{num_threads()} threads (1 below {_PARALLEL_MIN} elements)"
     layouts = {
-        "(N, C, *spatial) contiguous": f"numba, per channel fused (split over N*S if C is small); {threads}",
+        "(N, C, *spatial) contiguous": (
+            f"numba, channel blocks fused, in memory order (row pieces if C is small); {threads}"
+        ),
         "(N, C), channels-last": f"numba, row blocks across C (regrouped if C < {_WIDE_ROW}); {threads}",
     }
     precision = {

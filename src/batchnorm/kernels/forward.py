@@ -17,113 +17,178 @@ import math
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import elementwise_kernel, parallel_kernel, serial_kernel
+from batchnorm.kernels._jit import elementwise_kernel, parallel_kernel
+from batchnorm.kernels.stats import _stats_block
 
 
 @parallel_kernel
-def forward_train_cf(x, gamma, beta, eps, y, mean, var, invstd):  # pragma: no cover - compiled
-    """x, y: (N, C, S); one channel per unit, all three passes over its slab back to back.
+def forward_train_cf(x, nb, gamma, beta, eps, y, mean, var, invstd):  # pragma: no cover - compiled
+    """x, y: (N, C, S); ``nb`` blocks of consecutive channels, one unit each, three passes.
 
-    The slab (N*S values) is read from memory once and served from cache for the variance and
-    the output passes: 1 read + 1 write of x's size instead of 3 reads + 1 write. The dispatcher
-    uses it only when a slab fits in cache and there are enough channels to keep every thread
-    busy. Measured on (16, 256, 56, 56) float32 into a reused ``out`` (minimum of 15, shared
-    machine), 2 threads: 5.0 ms vs 5.7 ms for stats_cf + normalize_cf; a copy of x: 4.2 ms.
+    A block's slab (N runs of its channels' values) is read from memory once and served from
+    cache for the variance and the output passes: 1 read + 1 write of x's size instead of 3
+    reads + 1 write. Each pass walks the block in memory order (n outer, then channels, then
+    S), so a run is a whole ``x[n, c0:c1]`` (tens of KB) rather than one channel's S values:
+    (16, 512, 28, 28) float32, one thread, reused out: 5.0 -> 3.0 ms, (16, 2048, 7, 7):
+    1.85 -> 0.83 ms (per-channel units before); a copy of x takes 1.4 ms. Doing the output
+    pass in float32 (two-part mean) instead of float64 changed nothing measurable (2.98 vs
+    2.89 ms), so it stays float64. The dispatcher uses it when a block's slab fits in
+    cache and the blocks split evenly over the threads.
     """
     n_, c_, s_ = x.shape
     m = n_ * s_
-    for c in prange(c_):
-        total = 0.0
+    for b in prange(nb):
+        c0 = b * c_ // nb
+        c1 = (b + 1) * c_ // nb
+        for c in range(c0, c1):
+            mean[c] = 0.0
+            var[c] = 0.0
         for n in range(n_):
-            xr = x[n, c]
-            for i in range(s_):
-                total += xr[i]
-        mu = total / m
-        m2 = 0.0
+            for c in range(c0, c1):
+                xr = x[n, c]
+                total = 0.0
+                for i in range(s_):
+                    total += xr[i]
+                mean[c] += total
+        for c in range(c0, c1):
+            mean[c] /= m
         for n in range(n_):
-            xr = x[n, c]
-            for i in range(s_):
-                d = xr[i] - mu
-                m2 += d * d
-        v = m2 / m
-        inv = 1.0 / math.sqrt(v + eps)
-        scale = inv * gamma[c]
-        shift = beta[c]
+            for c in range(c0, c1):
+                xr = x[n, c]
+                mu = mean[c]
+                m2 = 0.0
+                for i in range(s_):
+                    d = xr[i] - mu
+                    m2 += d * d
+                var[c] += m2
+        for c in range(c0, c1):
+            var[c] /= m
+            invstd[c] = 1.0 / math.sqrt(var[c] + eps)
         for n in range(n_):
-            xr = x[n, c]
-            yr = y[n, c]
-            for i in range(s_):
-                yr[i] = (xr[i] - mu) * scale + shift
-        mean[c] = mu
-        var[c] = v
-        invstd[c] = inv
+            for c in range(c0, c1):
+                xr = x[n, c]
+                yr = y[n, c]
+                mu = mean[c]
+                scale = invstd[c] * gamma[c]
+                shift = beta[c]
+                for i in range(s_):
+                    yr[i] = (xr[i] - mu) * scale + shift
 
 
 @elementwise_kernel
-def normalize_cf(x, mean_hi, mean_lo, scale, shift, nblk, y):  # pragma: no cover - compiled
-    """x, y: (N, C, S); each channel's N*S values split into ``nblk`` blocks.
+def normalize_cf(x, c_, mean_hi, mean_lo, scale, shift, seg, y):  # pragma: no cover - compiled
+    """x, y: (N*C, S), row q of channel q % C; each row split into ``seg`` pieces (units).
+
+    Units in memory order, a contiguous range per thread: one sequential stream in and out.
+    (16, 512, 28, 28) float32, one thread, reused out: 3.3 -> 1.5-1.7 ms (channel-major
+    units before, 16 runs of 3 KB spaced 1.6 MB apart); a copy of x takes 1.4 ms. Short rows
+    (7x7) stay slow (0.5 ms vs torch's 0.44 ms module call): LLVM's vector loop takes 64
+    values per iteration, so 49 fall to the scalar remainder; a hand-blocked 16-wide loop
+    was slower (0.91 ms).
 
     Arithmetic in x's dtype: the mean comes as ``mean_hi + mean_lo`` (float64 mean split into two
     float32s; ``mean_lo = 0`` for float64), so ``(x - mean_hi) - mean_lo`` keeps float64's
     accuracy where it matters (``x - mean_hi`` is exact for x near the mean) at float32 width:
     (4096, 256) rows, one thread: 0.156 ms vs 0.212 ms in float64; max error 5.5e-7 vs 2.3e-7.
     """
-    n_, c_, s_ = x.shape
-    m = n_ * s_
-    for u in prange(c_ * nblk):
-        c = u // nblk
-        b = u % nblk
-        j0 = b * m // nblk
-        j1 = (b + 1) * m // nblk
+    r_, s_ = x.shape
+    for u in prange(r_ * seg):
+        q = u // seg
+        p = u % seg
+        c = q % c_
+        i0 = p * s_ // seg
+        i1 = (p + 1) * s_ // seg
+        xr = x[q, i0:i1]
+        yr = y[q, i0:i1]
         hi = mean_hi[c]
         lo = mean_lo[c]
         a = scale[c]
         t = shift[c]
-        for n in range(j0 // s_, (j1 + s_ - 1) // s_):
-            i0 = max(j0 - n * s_, 0)
-            i1 = min(j1 - n * s_, s_)
-            xr = x[n, c, i0:i1]
-            yr = y[n, c, i0:i1]
-            for i in range(xr.shape[0]):
-                yr[i] = ((xr[i] - hi) - lo) * a + t
+        for i in range(xr.shape[0]):
+            yr[i] = ((xr[i] - hi) - lo) * a + t
 
 
 @elementwise_kernel
-def normalize_rows(x, mean_hi, mean_lo, scale, shift, nblk, y):  # pragma: no cover - compiled
-    """x, y: (R, C); rows split into ``nblk`` blocks, the inner loop across channels (as normalize_cf)."""
-    r_, c_ = x.shape
+def normalize_rows(x, mean, scale, shift, nblk, y):  # pragma: no cover - compiled
+    """x, y: (R, W) rows, W = groups * C (as ``forward_train_rows``); ``mean``, ``scale``,
+    ``shift``: (C,) float64. Rows split into ``nblk`` blocks, the inner loop across W.
+
+    ``y = (x - mean_hi) * scale + (shift - mean_lo * scale)`` in x's dtype, with
+    ``mean = mean_hi + mean_lo`` split into two of x's dtype: ``x - mean_hi`` is exact near the
+    mean, and the low half is folded into the shift once per call, one subtraction less per
+    element. 1-D row slices for unit-stride access. One thread, float32, raw kernel:
+    (256, 1024) 42 -> 33 us, (4096, 256) 134 -> 120 us (a copy: 23 and 88 us). The vectors
+    are cast and tiled here, not in NumPy: kernels.normalize (256, 1024) ~5 us less.
+    """
+    r_, w_ = x.shape
+    c_ = mean.shape[0]
+    hi = x[0].copy()
+    a = x[0].copy()
+    t = x[0].copy()
+    for j in range(w_):
+        c = j % c_
+        hi[j] = mean[c]
+        a[j] = scale[c]
+        t[j] = shift[c] - (mean[c] - hi[j]) * a[j]
     for b in prange(nblk):
         for r in range(b * r_ // nblk, (b + 1) * r_ // nblk):
-            for c in range(c_):
-                y[r, c] = ((x[r, c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+            xr = x[r]
+            yr = y[r]
+            for j in range(w_):
+                yr[j] = (xr[j] - hi[j]) * a[j] + t[j]
 
 
-@serial_kernel
-def forward_train_rows(x, gamma, beta, eps, y, mean, var, invstd):  # pragma: no cover - compiled
-    """x, y: (R, C) small enough for L2: statistics and output in one call, one thread.
+@elementwise_kernel
+def forward_train_rows(
+    x, groups, nblk, gamma, beta, eps, y, mean, var, invstd
+):  # pragma: no cover - compiled
+    """x, y: (R, W) rows, W = groups * C (``groups`` rows of C channels read as one, see
+    ``_dispatch._widen``); statistics and output in one call.
 
-    For small inputs the fixed cost is the point: one kernel call instead of stats_rows +
-    normalize_rows and the NumPy vector arithmetic between them. (64, 16) float32 forward_train:
-    12.1 -> 7.9 us (and backward_rows: 18.8 -> 10.0 us for backward).
+    1. Per block of rows (one unit each, vectorized across W): mean and M2 in one pass about
+       a shift, float32 partial sums, exact fallback (``stats._stats_block``).
+    2. Blocks and groups combined per channel (Chan: ``M2 = sum M2_b + n_b (mean_b - mean)^2``).
+    3. ``y = (x - mean_hi) * scale + (shift - mean_lo * scale)`` in x's dtype (as normalize_rows).
+
+    One call instead of stats_rows + NumPy vector arithmetic + normalize_rows, for every rows
+    input: one thread, float32, kernels.forward_train (256, 1024): 89 -> 75 us (the Python
+    between the two kernels was ~15 us). Compiled without ``reassoc`` (it could undo the shift).
     """
-    r_, c_ = x.shape
-    scale = np.empty(c_)
+    r_, w_ = x.shape
+    c_ = w_ // groups
+    bmean = np.empty((nblk, w_))
+    bm2 = np.empty((nblk, w_))
+    for b in prange(nblk):
+        _stats_block(x, b * r_ // nblk, (b + 1) * r_ // nblk, bmean[b], bm2[b])
+    m = r_ * groups
     for c in range(c_):
         mean[c] = 0.0
         var[c] = 0.0
-    for r in range(r_):
-        for c in range(c_):
-            mean[c] += x[r, c]
+    for b in range(nblk):
+        n = (b + 1) * r_ // nblk - b * r_ // nblk
+        for j in range(w_):
+            mean[j % c_] += n * bmean[b, j]
     for c in range(c_):
-        mean[c] /= r_
-    for r in range(r_):
-        for c in range(c_):
-            d = x[r, c] - mean[c]
-            var[c] += d * d
+        mean[c] /= m
+    for b in range(nblk):
+        n = (b + 1) * r_ // nblk - b * r_ // nblk
+        for j in range(w_):
+            d = bmean[b, j] - mean[j % c_]
+            var[j % c_] += max(bm2[b, j], 0.0) + n * d * d
     for c in range(c_):
-        var[c] /= r_
+        var[c] /= m
         invstd[c] = 1.0 / math.sqrt(var[c] + eps)
-        scale[c] = invstd[c] * gamma[c]
-    for r in range(r_):
-        for c in range(c_):
-            y[r, c] = (x[r, c] - mean[c]) * scale[c] + beta[c]
+    hi = x[0].copy()  # vectors in x's dtype, one entry per virtual channel
+    scale = x[0].copy()
+    shift = x[0].copy()
+    for j in range(w_):
+        c = j % c_
+        hi[j] = mean[c]
+        scale[j] = invstd[c] * gamma[c]
+        shift[j] = beta[c] - (mean[c] - hi[j]) * scale[j]
+    for b in prange(nblk):
+        for r in range(b * r_ // nblk, (b + 1) * r_ // nblk):
+            xr = x[r]
+            yr = y[r]
+            for j in range(w_):
+                yr[j] = (xr[j] - hi[j]) * scale[j] + shift[j]

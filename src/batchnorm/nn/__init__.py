@@ -12,7 +12,7 @@ _LAZY: dict[str, str] = {
     "BatchNormAct1d": "batchnorm.nn.act",
     "BatchNormAct2d": "batchnorm.nn.act",
     "SyncBatchNorm": "batchnorm.nn.sync",
-    "SyncBatchNormAct": "batchnorm.nn.sync",
+    "SyncBatchNormAct": "batchnorm.nn.sync_act",
     "GhostBatchNorm1d": "batchnorm.nn.ghost",
     "GhostBatchNorm2d": "batchnorm.nn.ghost",
     "BatchRenorm1d": "batchnorm.nn.renorm",

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from batchnorm import _torch_ops
 from batchnorm.kernels import _act_dispatch as _kernels
@@ -56,21 +58,23 @@ def _numpy(t: Tensor | None, dtype: torch.dtype) -> Any:
     return (t if t.dtype == dtype else t.to(dtype)).numpy()
 
 
+def _numpy_stat(t: Tensor) -> Any:
+    """A running buffer as NumPy, without a copy when NumPy has its dtype."""
+    t = t.detach()
+    return t.numpy() if t.dtype in _NUMPY_DTYPES else t.to(torch.float64).numpy()
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _tensor(a: Any, dtype: torch.dtype) -> Tensor:
     t = torch.from_numpy(a)
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def _triton_view(t: Tensor):  # type: ignore[no-untyped-def]
-    """Triton's private launch helpers for the two backward passes on their own: its public
-    act API has only the whole ``backward_act`` (see the report asking to export them)."""
-    from batchnorm.kernels.triton import _dispatch as td
-
-    return td, td._view(t)
 
 
 def forward_train_act(
@@ -85,12 +89,20 @@ def forward_train_act(
     if gpu is not None:
         return gpu.forward_train_act(x, weight, bias, eps, act, slope)
     cd = _compute_dtype(x)
-    y, mean, var, invstd = _kernels.forward_train(_numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd), eps, act, slope)
+    y, mean, var, invstd = _kernels.forward_train(
+        _numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd), eps, act, slope
+    )
     return _tensor(y, x.dtype), torch.from_numpy(mean), torch.from_numpy(var), torch.from_numpy(invstd)
 
 
 def normalize_act(
-    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None, act: str, slope: float
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    act: str,
+    slope: float,
 ) -> Tensor:
     """``y = act(gamma (x - mean) invstd + beta)`` in one pass.
 
@@ -137,15 +149,9 @@ def backward_reduce_act(
     Shape:
         dy, saved: ``(N, C, *spatial)``; the rest ``(C,)``.
     """
-    if _torch_ops._backend(saved) is not None:
-        td, view = _triton_view(saved)
-        code = td.act_code(act)
-        vecs = [td._channel_vector(n, t, view) for n, t in
-                (("mean", mean), ("invstd", invstd), ("gamma", weight), ("beta", bias))]  # fmt: skip
-        sum_dz, sum_dz_xhat = td._backward_launch(
-            "reduce", view, td._like("dy", dy, view), *vecs, code, slope, from_output, td._config(None, view), ()
-        )
-        return sum_dz, sum_dz_xhat
+    gpu = _torch_ops._backend(saved)
+    if gpu is not None:
+        return gpu.backward_reduce_act(dy, saved, mean, invstd, weight, bias, act, slope, from_output)
     cd = _compute_dtype(saved)
     sums = _kernels.backward_reduce_act(
         _numpy(dy, cd), _numpy(saved, cd), _numpy(mean, cd), _numpy(invstd, cd),
@@ -163,15 +169,10 @@ def backward_dx_act(
     Shape:
         dy, saved, dx: ``(N, C, *spatial)``; the rest ``(C,)``.
     """
-    if _torch_ops._backend(saved) is not None:
-        td, view = _triton_view(saved)
-        code = td.act_code(act)
-        stat = td._stat_dtype(saved)
-        vecs = [td._channel_vector(n, t, view) for n, t in
-                (("mean", mean), ("invstd", invstd), ("gamma", weight), ("beta", bias))]  # fmt: skip
-        extra = (sum_dz.to(stat).contiguous(), sum_dz_xhat.to(stat).contiguous(), int(count))
-        return td._backward_launch(
-            "dx", view, td._like("dy", dy, view), *vecs, code, slope, from_output, td._config(None, view), extra
+    gpu = _torch_ops._backend(saved)
+    if gpu is not None:
+        return gpu.backward_dx_act(
+            dy, saved, mean, invstd, weight, bias, act, slope, from_output, sum_dz, sum_dz_xhat, count
         )
     cd = _compute_dtype(saved)
     dx = _kernels.backward_dx_act(
@@ -182,27 +183,75 @@ def backward_dx_act(
     return _tensor(dx, saved.dtype)
 
 
+def _forward_train(x: Tensor, weight, bias, eps: float, act: str, slope: float):  # type: ignore[no-untyped-def]
+    """``(y, mean, var, invstd, on_numba)``: statistics as NumPy arrays on the numba path
+    (they go straight back to the kernels: no tensor round trip), tensors on Triton."""
+    gpu = _torch_ops._backend(x)
+    if gpu is not None:
+        return (*gpu.forward_train_act(x, weight, bias, eps, act, slope), False)
+    cd = _compute_dtype(x)
+    y, mean, var, invstd = _kernels.forward_train(
+        _numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd), eps, act, slope
+    )
+    return _tensor(y, x.dtype), mean, var, invstd, True
+
+
 class _BatchNormActFunction(torch.autograd.Function):
-    """Training-mode BN + activation on the kernels; returns ``(y, mean, var)``."""
+    """Training-mode BN + activation on the kernels; returns y and appends ``(mean, var)`` to
+    ``stats`` (one autograd output instead of three: each output is an edge to set up)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, act, slope, save_memory):  # type: ignore[override]
-        y, mean, var, invstd = forward_train_act(x, weight, bias, eps, act, slope)
-        ctx.save_for_backward(y if save_memory else x, weight, bias, mean, invstd)
+    def forward(ctx, x, weight, bias, eps, act, slope, save_memory, stats):  # type: ignore[override]
+        y, mean, var, invstd, on_numba = _forward_train(x, weight, bias, eps, act, slope)
+        stats += (mean, var)
+        ctx.save_for_backward(y if save_memory else x, weight, bias)
+        ctx.stats, ctx.on_numba = (mean, invstd), on_numba
         ctx.config = (act, slope, save_memory)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):  # type: ignore[override]
-        saved, weight, bias, mean, invstd = ctx.saved_tensors
-        act, slope, from_output = ctx.config
-        dx, dweight, dbias = backward_act(dy, saved, mean, invstd, weight, bias, act, slope, from_output)
+    @once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        saved, weight, bias = ctx.saved_tensors
+        (mean, invstd), (act, slope, from_output) = ctx.stats, ctx.config
+        if ctx.on_numba:
+            cd = _compute_dtype(saved)
+            dx, dweight, dbias = _kernels.backward(
+                _numpy(dy, cd), _numpy(saved, cd), mean, invstd,
+                _numpy(weight, cd), _numpy(bias, cd), act, slope, from_output,
+            )  # fmt: skip
+            dx, dweight, dbias = _tensor(dx, saved.dtype), torch.from_numpy(dweight), torch.from_numpy(dbias)
+        else:
+            dx, dweight, dbias = backward_act(dy, saved, mean, invstd, weight, bias, act, slope, from_output)
         need = ctx.needs_input_grad
         dx = dx if need[0] else None
-        dweight = dweight.to(weight.dtype) if weight is not None and need[1] else None
-        dbias = dbias.to(bias.dtype) if bias is not None and need[2] else None
-        return dx, dweight, dbias, None, None, None, None
+        dweight = _cast(dweight, weight.dtype) if weight is not None and need[1] else None
+        dbias = _cast(dbias, bias.dtype) if bias is not None and need[2] else None
+        return dx, dweight, dbias, None, None, None, None, None
+
+
+# ``Function.apply`` is a Python wrapper (argument binding, functorch unwrapping) around the C++
+# apply that outside functorch transforms only forwards the arguments; the C++ apply directly
+# saves ~2.5 us a call (the same choice as batchnorm._custom_ops).
+_APPLY = super(torch.autograd.Function, _BatchNormActFunction).apply
+
+
+def _train(x: Tensor, weight, bias, eps: float, act: str, slope: float, save_memory: bool):  # type: ignore[no-untyped-def]
+    """``(y, mean, var)``: through the autograd Function only when a gradient can flow."""
+    needs_graph = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+    if not needs_graph and not torch.jit.is_tracing():
+        y, mean, var, _, _ = _forward_train(x, weight, bias, eps, act, slope)
+        return y, mean, var
+    stats: list = []
+    if torch._C._are_functorch_transforms_active():
+        y = _BatchNormActFunction.apply(x, weight, bias, eps, act, slope, save_memory, stats)
+    else:
+        y = _APPLY(x, weight, bias, eps, act, slope, save_memory, stats)
+    return y, stats[0], stats[1]
 
 
 def _activate(z: Tensor, act: str, slope: float) -> Tensor:
@@ -215,24 +264,23 @@ def _activate(z: Tensor, act: str, slope: float) -> Tensor:
     return z
 
 
-def _update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float) -> None:
-    """``running <- (1 - momentum) running + momentum batch``, var with Bessel's correction."""
+def _update_running(
+    running_mean: Tensor, running_var: Tensor, mean: Any, var: Any, count: int, momentum: float
+) -> None:
+    """``running <- (1 - momentum) running + momentum batch``, var with Bessel's correction;
+    ``mean``/``var`` are NumPy arrays (numba path) or tensors (Triton path)."""
     if (
-        running_mean.device.type == "cpu"
+        isinstance(mean, np.ndarray)
         and running_mean.dtype in _NUMPY_DTYPES
         and running_var.dtype in _NUMPY_DTYPES
-        and mean.device.type == "cpu"
     ):
-        # NumPy on the buffers' memory: four small torch ops cost ~10 us here, these ~3 us
-        rm, rv = running_mean.numpy(), running_var.numpy()
-        rm *= 1.0 - momentum
-        rm += momentum * mean.numpy()
-        rv *= 1.0 - momentum
-        rv += (momentum * count / (count - 1)) * var.numpy()
+        # one kernel call on the buffers' memory: the four torch ops cost ~10 us here
+        _kernels.update_running_(running_mean.numpy(), running_var.numpy(), mean, var, count, momentum)
         return
+    mean, var = torch.as_tensor(mean), torch.as_tensor(var)
     with torch.no_grad():
-        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum * count / (count - 1))
+        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(var.to(running_var), alpha=momentum * count / (count - 1))
 
 
 def batch_norm_act(
@@ -273,8 +321,10 @@ def _batch_norm_act(
     """``batch_norm_act`` after its argument checks (the module makes them once, itself)."""
     if not training:
         if running_mean is None or running_var is None:
-            raise ValueError("running_mean/running_var: required when training=False, got None; "
-                             "pass training=True to use batch statistics")
+            raise ValueError(
+                "running_mean/running_var: required when training=False, got None; "
+                "pass training=True to use batch statistics"
+            )
         recording = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias)
         )
@@ -283,12 +333,19 @@ def _batch_norm_act(
             return _activate(z, act, negative_slope)
         if x.numel() == 0:
             return x.clone()
-        # float64 statistics on the CPU kernels (they compute scale/shift in float64); the
-        # Triton kernels want x's statistics dtype
-        stat = torch.float64 if _torch_ops._backend(x) is None else _compute_dtype(x)
-        mean = running_mean.detach().to(stat)
-        invstd = torch.rsqrt(running_var.detach().to(torch.float64) + eps).to(stat)
-        return normalize_act(x, mean, invstd, weight, bias, act, negative_slope)
+        gpu = _torch_ops._backend(x)
+        if gpu is not None:
+            return gpu.forward_inference_act(
+                x, weight, bias, running_mean, running_var, eps, act, negative_slope
+            )
+        # all in NumPy on the buffers' memory: the torch ops for invstd and the casts would cost
+        # more than the kernel on small inputs
+        cd = _compute_dtype(x)
+        y = _kernels.forward_inference(
+            _numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd), _numpy_stat(running_mean),
+            _numpy_stat(running_var), eps, act, negative_slope,
+        )  # fmt: skip
+        return _tensor(y, x.dtype)
     if x.numel() == 0:  # an empty batch: nothing to normalize, no statistics to update
         return _activate(x * 1.0, act, negative_slope)
     count = x.numel() // max(1, x.shape[1])
@@ -297,10 +354,10 @@ def _batch_norm_act(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}; "
             "use a batch of at least 2 samples, or eval mode"
         )
-    y, mean, var = _BatchNormActFunction.apply(x, weight, bias, eps, act, negative_slope, save_memory)
+    y, mean, var = _train(x, weight, bias, eps, act, negative_slope, save_memory)
     if running_mean is not None and running_var is not None:
         # Bessel's correction: the running estimate is of the population variance.
-        _update_running(running_mean, running_var, mean.to(running_mean.dtype), var.to(running_var.dtype), count, momentum)
+        _update_running(running_mean, running_var, mean, var, count, momentum)
     return y
 
 

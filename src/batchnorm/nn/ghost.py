@@ -42,6 +42,45 @@ from batchnorm.nn.batchnorm import BatchNormBase
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_batch_norm"]
 
 
+def _writes_in_place(x: Tensor) -> bool:
+    """True when the chunks can run the numba kernels writing straight into the output's
+    slices (``out=`` on NumPy views): CPU tensors on the numba backend in float32/float64.
+    Otherwise (CUDA, Triton backend, half precision) each chunk's result is copied in."""
+    return x.dtype in (torch.float32, torch.float64) and ops._backend(x) is None
+
+
+def _np(t: Tensor | None):  # type: ignore[no-untyped-def]
+    return None if t is None else t.detach().numpy()
+
+
+def _forward_chunk(x_j: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, y_j: Tensor):
+    """BN of one chunk into ``y_j``; returns ``(mean_j, var_j, invstd_j)``."""
+    if _writes_in_place(x_j):
+        from batchnorm import kernels
+
+        _, mean, var, invstd = kernels.forward_train(_np(x_j), _np(weight), _np(bias), eps, out=y_j.numpy())
+        return torch.from_numpy(mean), torch.from_numpy(var), torch.from_numpy(invstd)
+    out_j, mean, var, invstd = ops.forward_train(x_j, weight, bias, eps)
+    y_j.copy_(out_j)
+    return mean, var, invstd
+
+
+def _backward_chunk(
+    dy_j: Tensor, x_j: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, dx_j: Tensor
+):
+    """BN backward of one chunk, dx into ``dx_j``; returns ``(dweight_j, dbias_j)``."""
+    if _writes_in_place(x_j):
+        from batchnorm import kernels
+
+        _, dweight, dbias = kernels.backward(
+            _np(dy_j), _np(x_j), _np(mean), _np(invstd), _np(weight), out=dx_j.numpy()
+        )
+        return torch.from_numpy(dweight), torch.from_numpy(dbias)
+    dx_c, dweight, dbias = ops.backward(dy_j, x_j, mean, invstd, weight)
+    dx_j.copy_(dx_c)
+    return dweight, dbias
+
+
 class _GhostBatchNormFunction(torch.autograd.Function):
     """Training-mode ghost BN: each chunk along N is an independent BN on the kernels."""
 
@@ -60,8 +99,7 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         y = torch.empty_like(x)
         means, invstds, m2_sum, count = [], [], None, 0
         for x_j, y_j in zip(x.split(virtual_batch_size), y.split(virtual_batch_size), strict=True):
-            out_j, mean_j, var_j, invstd_j = ops.forward_train(x_j, weight, bias, eps)
-            y_j.copy_(out_j)
+            mean_j, var_j, invstd_j = _forward_chunk(x_j, weight, bias, eps, y_j)
             n_j = x_j.numel() // x_j.shape[1]
             m2_j = var_j.to(torch.float64) * n_j
             m2_sum = m2_j if m2_sum is None else m2_sum + m2_j
@@ -92,8 +130,7 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         dweight = torch.zeros_like(means[0])
         dbias = torch.zeros_like(means[0])
         for j, (x_j, dy_j, dx_j) in enumerate(zip(x.split(v), dy.split(v), dx.split(v), strict=True)):
-            dx_c, dweight_c, dbias_c = ops.backward(dy_j, x_j, means[j], invstds[j], weight)
-            dx_j.copy_(dx_c)
+            dweight_c, dbias_c = _backward_chunk(dy_j, x_j, means[j], invstds[j], weight, dx_j)
             dweight += dweight_c  # dgamma = sum over every chunk of sum dy x_hat_j
             dbias += dbias_c
         needs = ctx.needs_input_grad
@@ -174,9 +211,13 @@ class _GhostBatchNorm(BatchNormBase):
         track_running_stats: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
     ) -> None:
         self.virtual_batch_size = _check_virtual_batch_size(virtual_batch_size, type(self).__name__)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)  # type: ignore[call-arg]
+        super().__init__(  # type: ignore[call-arg]
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"  # type: ignore[misc]
@@ -212,7 +253,8 @@ class GhostBatchNorm1d(_GhostBatchNorm, torch.nn.BatchNorm1d):
     samples normalized separately in training, BatchNorm1d in eval (module docstring).
 
     Args: ``num_features``, ``virtual_batch_size`` (samples per ghost batch), then ``eps``,
-    ``momentum``, ``affine``, ``track_running_stats`` as ``torch.nn.BatchNorm1d``.
+    ``momentum``, ``affine``, ``track_running_stats``, ``device``, ``dtype`` and the
+    keyword-only ``bias`` as ``torch.nn.BatchNorm1d``.
     """
 
 
@@ -221,5 +263,6 @@ class GhostBatchNorm2d(_GhostBatchNorm, torch.nn.BatchNorm2d):
     normalized separately in training, BatchNorm2d in eval (module docstring).
 
     Args: ``num_features``, ``virtual_batch_size`` (samples per ghost batch), then ``eps``,
-    ``momentum``, ``affine``, ``track_running_stats`` as ``torch.nn.BatchNorm2d``.
+    ``momentum``, ``affine``, ``track_running_stats``, ``device``, ``dtype`` and the
+    keyword-only ``bias`` as ``torch.nn.BatchNorm2d``.
     """

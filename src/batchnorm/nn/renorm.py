@@ -153,8 +153,17 @@ class _BatchRenorm(BatchNormBase):
         warmup_steps: int = 5000,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
+        track_running_stats: bool = True,
     ) -> None:
         name = type(self).__name__
+        if not track_running_stats:
+            raise ValueError(
+                f"{name}: track_running_stats must be True (r and d are computed from the running "
+                f"statistics), got {track_running_stats!r}; for batch statistics only use BatchNorm "
+                "with track_running_stats=False"
+            )
         if not r_max >= 1.0:
             raise ValueError(
                 f"{name}: r_max must be >= 1 (r is clipped to [1/r_max, r_max]), got {r_max!r}; "
@@ -169,7 +178,9 @@ class _BatchRenorm(BatchNormBase):
             raise ValueError(
                 f"{name}: warmup_steps must be an int >= 0 (0 = no warm-up), got {warmup_steps!r}"
             )
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)  # type: ignore[call-arg]
+        super().__init__(  # type: ignore[call-arg]
+            num_features, eps, momentum, affine, True, device, dtype, bias=bias
+        )
         self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), warmup_steps
         self.register_buffer("renorm_step", torch.tensor(0, dtype=torch.long, device=device))
 
@@ -222,16 +233,20 @@ class _BatchRenorm(BatchNormBase):
 class BatchRenorm1d(_BatchRenorm, torch.nn.BatchNorm1d):
     """Batch Renormalization over ``(N, C)`` or ``(N, C, L)`` input (module docstring).
 
-    Args: ``num_features``, ``eps``, ``momentum``, ``affine`` as ``torch.nn.BatchNorm1d``
-    (running statistics are always tracked: r and d need them); ``r_max``, ``d_max``, the
-    final clipping limits; ``warmup_steps``, training steps to reach them (0 = at once).
+    Args: ``num_features``, ``eps``, ``momentum``, ``affine`` as ``torch.nn.BatchNorm1d``;
+    ``r_max``, ``d_max``, the final clipping limits; ``warmup_steps``, training steps to reach
+    them (0 = at once); ``device``, ``dtype``, and the keyword-only ``bias`` and
+    ``track_running_stats`` as torch's (the latter must stay True: r and d need the running
+    statistics), so torch's keyword arguments all construct it.
     """
 
 
 class BatchRenorm2d(_BatchRenorm, torch.nn.BatchNorm2d):
     """Batch Renormalization over ``(N, C, H, W)`` input (module docstring).
 
-    Args: ``num_features``, ``eps``, ``momentum``, ``affine`` as ``torch.nn.BatchNorm2d``
-    (running statistics are always tracked: r and d need them); ``r_max``, ``d_max``, the
-    final clipping limits; ``warmup_steps``, training steps to reach them (0 = at once).
+    Args: ``num_features``, ``eps``, ``momentum``, ``affine`` as ``torch.nn.BatchNorm2d``;
+    ``r_max``, ``d_max``, the final clipping limits; ``warmup_steps``, training steps to reach
+    them (0 = at once); ``device``, ``dtype``, and the keyword-only ``bias`` and
+    ``track_running_stats`` as torch's (the latter must stay True: r and d need the running
+    statistics), so torch's keyword arguments all construct it.
     """

@@ -15,6 +15,9 @@ batch, so the result is exactly BatchNorm on the concatenated batch::
               dx     = gamma * invstd * (dy - sum_dy / n - x_hat * sum_dy_xhat / n)
               dgamma = local sum_dy_xhat,  dbeta = local sum_dy   (DDP sums/averages them)
 
+SyncBatchNormAct (``nn/sync_act.py``) fuses an activation into both passes with the same
+two collectives.
+
 Works on any backend (gloo on CPU, nccl on GPU, mpi): PyTorch's own ``torch.nn.SyncBatchNorm``
 refuses CPU tensors. The local reductions and the normalization run on the project's kernels
 (``batchnorm._torch_ops``); the only per-channel work in Python is the vectorized combine.
@@ -36,9 +39,10 @@ from torch import Tensor
 
 from batchnorm import _torch_ops as ops
 from batchnorm import functional
+from batchnorm.nn import act as act_ops
 from batchnorm.nn.batchnorm import BatchNormBase
 
-__all__ = ["SyncBatchNorm", "SyncBatchNormAct", "combine_stats", "sync_batch_norm"]
+__all__ = ["SyncBatchNorm", "combine_stats", "sync_batch_norm"]
 
 # "behaves as BatchNorm and says so once": once per process, not once per layer.
 _warned_no_group = False
@@ -160,19 +164,27 @@ def _sync_train(
     momentum: float,
     group: Any,
     world_size: int,
+    act: tuple[str, float, bool] | None = None,
 ) -> tuple[Tensor, int]:
-    """Training forward over the global batch; returns ``(y, global count per channel)``."""
+    """Training forward over the global batch; returns ``(y, global count per channel)``.
+
+    ``act = (name, negative_slope, save_memory)`` fuses that activation (SyncBatchNormAct).
+    """
     if group is None:
-        # Nothing to synchronize: exactly the project's BatchNorm (one fused kernel pass).
-        y = functional._batch_norm(
-            x, running_mean, running_var, weight, bias, True, momentum, eps, where="SyncBatchNorm"
-        )
+        # Nothing to synchronize: exactly the project's BatchNorm (or BatchNormAct).
+        if act is not None:
+            y = act_ops._batch_norm_act(x, running_mean, running_var, weight, bias, True, momentum, eps, *act)
+        else:
+            y = functional._batch_norm(
+                x, running_mean, running_var, weight, bias, True, momentum, eps, where="SyncBatchNorm"
+            )
         return y, x.numel() // x.shape[1]
     with torch.no_grad():
         count, mean, var = _global_stats(x, group, world_size)
     if count == 0:
         # Every rank is empty (the count is global): an empty output and no update, as BatchNorm.
-        return _empty_output(x, weight, bias), 0
+        y = _empty_output(x, weight, bias)
+        return (y if act is None else act_ops._activate(y, act[0], act[1])), 0
     if count == 1:
         # Every rank sees the same global count, so every rank raises together.
         raise ValueError(
@@ -187,7 +199,12 @@ def _sync_train(
         )
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     invstd = torch.rsqrt(var + eps).to(compute)  # var is float64 here: one rounding at the end
-    y = _SyncBatchNormFunction.apply(x, weight, bias, mean.to(compute), invstd, count, group)
+    if act is not None:
+        from batchnorm.nn.sync_act import _SyncBatchNormActFunction  # imported late: sync_act imports us
+
+        y = _SyncBatchNormActFunction.apply(x, weight, bias, mean.to(compute), invstd, count, group, *act)
+    else:
+        y = _SyncBatchNormFunction.apply(x, weight, bias, mean.to(compute), invstd, count, group)
     return y, count
 
 
@@ -305,6 +322,10 @@ class SyncBatchNorm(BatchNormBase, torch.nn.modules.batchnorm._BatchNorm):
             self._checked_groups.add(id(group))
         return group, world_size
 
+    def _fused_act(self) -> tuple[str, float, bool] | None:
+        """``(act, negative_slope, save_memory)`` to fuse into the kernels, or None (plain BN)."""
+        return None
+
     def _check_channels_across_ranks(self, x: Tensor, group: Any, world_size: int) -> None:
         mine = torch.tensor([self.num_features], dtype=torch.int64, device=x.device)
         theirs = [torch.empty_like(mine) for _ in range(world_size)]
@@ -344,8 +365,9 @@ class SyncBatchNorm(BatchNormBase, torch.nn.modules.batchnorm._BatchNorm):
         )
         group, world_size = self._sync_group(input)
         y, count = _sync_train(
-            input, self.weight, self.bias, running_mean, running_var, self.eps, momentum, group, world_size
-        )
+            input, self.weight, self.bias, running_mean, running_var, self.eps, momentum, group, world_size,
+            self._fused_act(),
+        )  # fmt: skip
         if self._tracks_this_batch() and count > 0:
             self._count_batch()
         return y
@@ -357,75 +379,17 @@ class SyncBatchNorm(BatchNormBase, torch.nn.modules.batchnorm._BatchNorm):
         Converts ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and
         ``batchnorm.nn.BatchNorm1d/2d/3d``: parameters and buffers are the *same* tensors
         (no copy), mode and ``qconfig`` are kept. A fused BN + activation
-        (``batchnorm.nn.BatchNormAct*d``, recognised by its ``act`` submodule) becomes a
-        :class:`SyncBatchNormAct` that keeps the activation instead of silently dropping it
-        as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does. Variants whose statistics
-        are local by design (GhostBatchNorm, BatchRenorm, FrozenBatchNorm) are left as they are.
+        (``batchnorm.nn.BatchNormAct*d``, recognised by its ``act`` attribute) becomes a
+        :class:`SyncBatchNormAct` that keeps the activation (fused) and ``save_memory``
+        instead of silently dropping them as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
+        does. Variants whose statistics are local by design (GhostBatchNorm, BatchRenorm,
+        FrozenBatchNorm) are left as they are.
         Returns ``module`` converted in place, or the new layer if ``module`` itself is a BN.
         """
         converted = _convert_one(cls, module, process_group)
         for name, child in module.named_children():
             converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return converted
-
-
-class SyncBatchNormAct(SyncBatchNorm):
-    """SyncBatchNorm followed by an activation: what ``convert_sync_batchnorm`` makes of a
-    fused ``BatchNormAct*d`` so the activation is kept.
-
-    ``y = act(SyncBatchNorm(x))``. ``act`` is a name as in ``batchnorm.nn.BatchNormAct*d``
-    (``identity``, ``relu``, ``leaky_relu`` with ``negative_slope``, ``silu``) or any
-    ``nn.Module`` (timm-style BN+act layers hold a module). Same attributes and state_dict
-    as the layer it replaces. The statistics need the cross-rank reduction between the two
-    passes of the fused kernel, so here the activation runs as its own elementwise op after
-    the synchronized normalize (``save_memory`` is not supported and is dropped).
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: Any | None = None,
-        act: str | torch.nn.Module = "relu",
-        negative_slope: float = 0.01,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        if isinstance(act, str) and act not in _ACTIVATIONS:
-            raise ValueError(
-                f"{type(self).__name__}: act must be one of {sorted(_ACTIVATIONS)} or an "
-                f"nn.Module, got {act!r}"
-            )
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, bias=bias
-        )
-        self.act = act
-        self.negative_slope = negative_slope
-
-    def extra_repr(self) -> str:
-        if not isinstance(self.act, str):
-            return super().extra_repr()
-        text = f"{super().extra_repr()}, act={self.act!r}"
-        return text + (f", negative_slope={self.negative_slope}" if self.act == "leaky_relu" else "")
-
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002
-        z = super().forward(input)
-        if not isinstance(self.act, str):
-            return self.act(z)
-        return _ACTIVATIONS[self.act](z, self.negative_slope)
-
-
-_ACTIVATIONS = {
-    "identity": lambda z, slope: z,
-    "relu": lambda z, slope: torch.nn.functional.relu(z),
-    "leaky_relu": lambda z, slope: torch.nn.functional.leaky_relu(z, slope),
-    "silu": lambda z, slope: torch.nn.functional.silu(z),
-}
 
 
 def _is_plain_bn(module: torch.nn.Module) -> bool:
@@ -455,10 +419,16 @@ def _convert_one(cls: type, module: torch.nn.Module, process_group: Any) -> torc
     )
     act = getattr(module, "act", None)
     if isinstance(act, (str, torch.nn.Module)):
+        from batchnorm.nn.sync_act import SyncBatchNormAct
+
         # a BN + activation layer: keep its activation (torch's converter silently drops it)
         target = cls if issubclass(cls, SyncBatchNormAct) else SyncBatchNormAct
         new: torch.nn.Module = target(
-            module.num_features, act=act, negative_slope=getattr(module, "negative_slope", 0.01), **kwargs
+            module.num_features,
+            act=act,
+            negative_slope=getattr(module, "negative_slope", 0.01),
+            save_memory=isinstance(act, str) and bool(getattr(module, "save_memory", False)),
+            **kwargs,
         )
     else:
         new = cls(module.num_features, **kwargs)

@@ -7,9 +7,9 @@ CUDA tensor arrives.
 """
 
 from batchnorm.kernels.triton._act_dispatch import backward as backward_act
+from batchnorm.kernels.triton._act_dispatch import backward_dx_act, backward_reduce_act, normalize_act
 from batchnorm.kernels.triton._act_dispatch import forward_inference as forward_inference_act
 from batchnorm.kernels.triton._act_dispatch import forward_train as forward_train_act
-from batchnorm.kernels.triton._act_dispatch import normalize_act
 from batchnorm.kernels.triton._dispatch import (
     INTERPRETED,
     LaunchConfig,
@@ -29,6 +29,8 @@ __all__ = [
     "act_code",
     "backward",
     "backward_act",
+    "backward_dx_act",
+    "backward_reduce_act",
     "backward_dx",
     "backward_reduce",
     "channel_stats",

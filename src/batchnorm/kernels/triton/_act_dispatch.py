@@ -7,6 +7,10 @@ With ``z = gamma * x_hat + beta`` and ``act`` in ``ACTIVATIONS`` (``slope``: lea
     forward_inference(x, gamma, beta, mean, var, eps, act, slope)  -> y
     normalize_act(x, mean, invstd, gamma, beta, act, slope)        -> y = act(z)
     backward(dy, saved, mean, invstd, gamma, beta, act, slope, from_output) -> (dx, dgamma, dbeta)
+    backward_reduce_act(dy, saved, mean, invstd, gamma, beta, act, slope, from_output)
+                                                                   -> (sum_dz, sum_dz_xhat)
+    backward_dx_act(dy, saved, mean, invstd, gamma, beta, act, slope, from_output,
+                    sum_dz, sum_dz_xhat, count)                    -> dx
 
     dz = dy * act'(z),  dbeta = sum dz,  dgamma = sum dz * x_hat
     dx = gamma * invstd * (dz - dbeta / m - x_hat * dgamma / m)
@@ -15,7 +19,8 @@ The activation and its derivative run inside the normalize and backward kernels:
 pass over memory. ``from_output=True``: ``saved`` is the output y and ``z = act^-1(y)``,
 ``x_hat = (z - beta) / gamma`` (identity and leaky_relu with slope > 0; gamma without zeros).
 ``batchnorm.kernels.triton`` re-exports these as ``forward_train_act``, ``forward_inference_act``,
-``normalize_act`` and ``backward_act``.
+``normalize_act``, ``backward_act``, ``backward_reduce_act`` and ``backward_dx_act`` (the
+backward's two passes apart, for SyncBatchNormAct's all_reduce between them).
 
 Shape:
     x, y, dy, dx: ``(N, C, *spatial)`` (outputs keep x's dtype and memory format); the rest ``(C,)``.
@@ -69,13 +74,7 @@ def forward_inference(
     return normalize_act(x, running_mean.detach().to(stat), invstd, gamma, beta, act, slope, config=config)
 
 
-def backward(
-    dy: torch.Tensor, saved: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
-    gamma: torch.Tensor | None, beta: torch.Tensor | None, act: str = "relu", slope: float = 0.01,
-    from_output: bool = False, *, config: d.LaunchConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(dx, dgamma, dbeta)`` of ``y = act(gamma * x_hat + beta)`` with batch statistics."""
-    code = d.act_code(act)
+def _check_from_output(code: int, act: str, slope: float, from_output: bool) -> None:
     if from_output and code not in [ACTIVATIONS[a] for a in INVERTIBLE]:
         raise ValueError(
             f"from_output: x_hat can be recovered from the output only for {INVERTIBLE}, got "
@@ -83,6 +82,51 @@ def backward(
         )
     if from_output and code == ACTIVATIONS["leaky_relu"] and not slope > 0:
         raise ValueError(f"slope: from_output needs a leaky_relu slope > 0 to invert, got {slope}")
+
+
+def _backward_pass(
+    kind: str, dy: torch.Tensor, saved: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+    gamma: torch.Tensor | None, beta: torch.Tensor | None, act: str, slope: float,
+    from_output: bool, extra: tuple, config: d.LaunchConfig | None,
+):  # type: ignore[no-untyped-def]  # fmt: skip
+    code = d.act_code(act)
+    _check_from_output(code, act, slope, from_output)
+    view = d._view(saved)
+    dy = d._like("dy", dy, view)
+    vecs = [d._channel_vector(n, t, view) for n, t in
+            (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta))]  # fmt: skip
+    return d._backward_launch(kind, view, dy, *vecs, code, slope, from_output, d._config(config, view), extra)
+
+
+def backward_reduce_act(
+    dy: torch.Tensor, saved: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+    gamma: torch.Tensor | None, beta: torch.Tensor | None, act: str = "relu", slope: float = 0.01,
+    from_output: bool = False, *, config: d.LaunchConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The backward's first pass: ``(sum dz, sum dz * x_hat)`` with ``dz = dy * act'(z)``."""
+    return _backward_pass("reduce", dy, saved, mean, invstd, gamma, beta, act, slope, from_output, (), config)
+
+
+def backward_dx_act(
+    dy: torch.Tensor, saved: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+    gamma: torch.Tensor | None, beta: torch.Tensor | None, act: str, slope: float,
+    from_output: bool, sum_dz: torch.Tensor, sum_dz_xhat: torch.Tensor, count: int,
+    *, config: d.LaunchConfig | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The backward's second pass: ``dx = gamma invstd (dz - sum_dz / count - x_hat sum_dz_xhat / count)``."""
+    stat = d._stat_dtype(saved)  # the kernels read the sums in the statistics dtype
+    sums = (sum_dz.to(stat).contiguous(), sum_dz_xhat.to(stat).contiguous(), int(count))
+    return _backward_pass("dx", dy, saved, mean, invstd, gamma, beta, act, slope, from_output, sums, config)
+
+
+def backward(
+    dy: torch.Tensor, saved: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+    gamma: torch.Tensor | None, beta: torch.Tensor | None, act: str = "relu", slope: float = 0.01,
+    from_output: bool = False, *, config: d.LaunchConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(dx, dgamma, dbeta)`` of ``y = act(gamma * x_hat + beta)`` with batch statistics."""
+    code = d.act_code(act)
+    _check_from_output(code, act, slope, from_output)
     view = d._view(saved)
     dy = d._like("dy", dy, view)
     vecs = [d._channel_vector(n, t, view) for n, t in
