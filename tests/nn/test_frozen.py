@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -114,3 +115,18 @@ def test_constructor_errors():
 
 def test_repr():
     assert repr(FrozenBatchNorm2d(8, eps=1e-3)) == "FrozenBatchNorm2d(8, eps=0.001)"
+
+
+def test_large_offset_keeps_float32_accuracy():
+    """mean 1e4, std 1e-2: the folded form x * scale + shift would be off by ~0.06."""
+    gen = torch.Generator().manual_seed(0)
+    x = (1e4 + 1e-2 * torch.randn(8, 3, 5, 5, generator=gen)).float()
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.copy_(x.double().mean(dim=(0, 2, 3)).float())
+        bn.running_var.copy_(x.double().var(dim=(0, 2, 3)).float())
+    frozen = FrozenBatchNorm2d.from_batchnorm(bn)
+    expected = reference.forward_inference(
+        x.double().numpy(), None, None, bn.running_mean.double().numpy(), bn.running_var.double().numpy()
+    )
+    assert np.abs(frozen(x).double().numpy() - expected).max() < 1e-3

@@ -102,9 +102,13 @@ class _FrozenBatchNorm(nn.Module):
                 f"{type(self).__name__}: input has {x.shape[1]} channels on axis 1, expected "
                 f"num_features={self.num_features}; check the layer before it"
             )
-        scale, shift = self.scale_shift()
+        # (x - mean) * scale + bias, not x * scale + shift: with mean 1e4 and std 1e-2 in
+        # float32, x * scale is ~1e6 and its rounding (~0.06) swamps the normalized value;
+        # x - mean is exact there. Same two elementwise ops (sub, addcmul).
         view = (1, -1) + (1,) * (x.dim() - 2)
-        return x * scale.reshape(view).to(x.dtype) + shift.reshape(view).to(x.dtype)
+        scale = (self.weight * torch.rsqrt(self.running_var + self.eps)).reshape(view).to(x.dtype)
+        centered = x - self.running_mean.reshape(view).to(x.dtype)
+        return torch.addcmul(self.bias.reshape(view).to(x.dtype), centered, scale)
 
     def _load_from_state_dict(
         self,
