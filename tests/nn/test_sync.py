@@ -153,6 +153,27 @@ def _run_case(rank, group, sizes, trailing, dtype_name, channels_last, affine, m
     return out
 
 
+def _bias_only_inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + rank)
+    sizes = (4, 2, 5)  # uneven local batches
+    x = torch.randn(sizes[rank], 3, 2, generator=gen, dtype=torch.float64) * 2 + 1
+    return x, torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+
+def _bias_only_case(rank: int) -> dict:
+    """weight=None with a bias over the whole world: y, dx and this rank's bias gradient."""
+    import torch.distributed as dist
+
+    from batchnorm.nn.sync import sync_batch_norm
+
+    x, dy = _bias_only_inputs(rank)
+    x.requires_grad_()
+    bias = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    y = sync_batch_norm(x, None, None, None, bias, True, 0.1, 1e-5, process_group=dist.group.WORLD)
+    y.backward(dy)
+    return {"y": y.detach().tolist(), "dx": x.grad.tolist(), "db": bias.grad.tolist()}
+
+
 def sync_worker(rank: int, world: int) -> dict:
     """Runs in every spawned process; returns per-case figures (plain Python values)."""
     import torch.distributed as dist
@@ -171,6 +192,7 @@ def sync_worker(rank: int, world: int) -> dict:
         }
         results["act_fused_calls"] = dict(fused)
     results["3"] = {name: _run_case(rank, None, *case, counter) for name, case in CASES_3.items()}
+    results["bias_only"] = _bias_only_case(rank)
     # a global batch of one value per channel: every rank raises, the group stays usable
     try:
         SyncBatchNorm(3)(torch.randn(1 if rank == 0 else 0, 3))
@@ -233,6 +255,25 @@ def test_two_processes_fused_act(spawned, name):
 @pytest.mark.parametrize("name", list(CASES_3))
 def test_three_processes(spawned, name):
     _check([r["3"] for r in spawned], name, CASES_3[name][2])
+
+
+@pytest.mark.slow
+def test_bias_without_weight_matches_single_process(spawned):
+    inputs = [_bias_only_inputs(rank) for rank in range(3)]
+    x = torch.cat([x for x, _ in inputs]).requires_grad_()
+    bias = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.batch_norm(x, None, None, None, bias, training=True)
+    y.backward(torch.cat([dy for _, dy in inputs]))
+    start = 0
+    for rank, r in enumerate(spawned):
+        n, ours = inputs[rank][0].shape[0], r["bias_only"]
+        rows = slice(start, start + n)
+        for key, expected in (("y", y[rows].detach()), ("dx", x.grad[rows])):
+            got = torch.tensor(ours[key], dtype=torch.float64)
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        start += n
+    summed = sum(torch.tensor(r["bias_only"]["db"], dtype=torch.float64) for r in spawned)
+    torch.testing.assert_close(summed, bias.grad, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.slow

@@ -96,6 +96,15 @@ def _global_stats(x: Tensor, group: Any, world_size: int) -> tuple[int, Tensor, 
     return int(n.item()), g_mean, g_var
 
 
+def all_reduce_sums(a: Tensor, b: Tensor, group: Any, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The backward's one collective: both per-channel sums summed over ``group`` in a single
+    float64 buffer (exact for any realistic count), returned in ``dtype``."""
+    packed = torch.cat([a, b]).to(torch.float64)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    first, second = packed.to(dtype).chunk(2)
+    return first, second
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """``y = gamma * (x - mean) * invstd + beta`` with the global statistics; its backward
     holds the one all_reduce."""
@@ -114,7 +123,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         y = torch.empty_like(x) if x.numel() == 0 else ops.normalize(x, mean, invstd, weight, bias)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.count, ctx.group = count, group
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -129,29 +138,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_sum_dy, g_sum_dy_xhat = sum_dy, sum_dy_xhat
             if ctx.group is not None:
-                # The one collective of the backward pass: both sums in a single buffer.
-                packed = torch.cat([sum_dy, sum_dy_xhat]).to(torch.float64)
-                dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.group)
-                g_sum_dy, g_sum_dy_xhat = packed.to(mean.dtype).chunk(2)
+                g_sum_dy, g_sum_dy_xhat = all_reduce_sums(sum_dy, sum_dy_xhat, ctx.group, mean.dtype)
             if x.numel() == 0:
                 dx = torch.empty_like(x)
             else:
                 dx = ops.backward_dx(dy, x, mean, invstd, weight, g_sum_dy, g_sum_dy_xhat, ctx.count)
         # Local parameter gradients: DDP's gradient all_reduce makes them global.
         dweight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = sum_dy.to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dbias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None, None, None, None
-
-
-def _empty_output(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    # y = x * weight + bias over zero elements: every input that requires grad gets a (zero) grad
-    view = (1, -1) + (1,) * (x.dim() - 2)
-    y = x.clone()
-    if weight is not None:
-        y = y * weight.to(x.dtype).view(view)
-    if bias is not None:
-        y = y + bias.to(x.dtype).view(view)
-    return y
 
 
 def _sync_train(
@@ -183,7 +178,7 @@ def _sync_train(
         count, mean, var = _global_stats(x, group, world_size)
     if count == 0:
         # Every rank is empty (the count is global): an empty output and no update, as BatchNorm.
-        y = _empty_output(x, weight, bias)
+        y = functional._empty_output(x, weight, bias)
         return (y if act is None else act_ops._activate(y, act[0], act[1])), 0
     if count == 1:
         # Every rank sees the same global count, so every rank raises together.

@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from batchnorm.nn import act as act_ops
-from batchnorm.nn.sync import SyncBatchNorm
+from batchnorm.nn.sync import SyncBatchNorm, all_reduce_sums
 
 __all__ = ["SyncBatchNormAct"]
 
@@ -61,10 +60,8 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_sum_dz, g_sum_dz_xhat = sum_dz, sum_dz_xhat
             if ctx.group is not None:
-                # The one collective of the backward pass: both sums in a single buffer.
-                packed = torch.cat([sum_dz, sum_dz_xhat]).to(torch.float64)
-                dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.group)
-                g_sum_dz, g_sum_dz_xhat = packed.chunk(2)
+                # float64 sums: the fused dx kernel reads them at that precision
+                g_sum_dz, g_sum_dz_xhat = all_reduce_sums(sum_dz, sum_dz_xhat, ctx.group, torch.float64)
             if saved.numel() == 0:
                 dx = torch.empty_like(saved)
             else:
