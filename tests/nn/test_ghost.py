@@ -190,3 +190,15 @@ def test_cpu_chunks_write_into_the_output_without_a_copy(monkeypatch, dtype):
     torch.testing.assert_close(
         y[:3], torch.nn.functional.batch_norm(chunk, None, None, m.weight, m.bias, True), rtol=1e-5, atol=1e-5
     )
+
+
+def test_empty_spatial_extent_changes_nothing():
+    """(N, C, 0, 0) holds no values: an empty output, statistics and counters untouched."""
+    import batchnorm.nn as bnn
+
+    module = bnn.GhostBatchNorm2d(3, virtual_batch_size=2)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    y = module(torch.randn(4, 3, 0, 0))
+    assert y.shape == (4, 3, 0, 0)
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -223,3 +223,16 @@ def test_constructor_accepts_torch_keywords_and_bias_false(cls, torch_cls):
     full(xb).backward(dy)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(m.weight.grad, full.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_spatial_extent_changes_nothing():
+    """(N, C, 0, 0) holds no values: an empty output, statistics and counters untouched."""
+    import batchnorm.nn as bnn
+
+    module = bnn.BatchRenorm2d(3)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    y = module(torch.randn(4, 3, 0, 0))
+    assert y.shape == (4, 3, 0, 0)
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert int(module.renorm_step) == 0

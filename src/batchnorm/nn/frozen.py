@@ -5,8 +5,10 @@ nothing updates, so the output is the same in train and eval mode. This is the f
 detectors fine-tune with (tiny per-GPU batches would make batch statistics useless)::
 
     scale = weight / sqrt(running_var + eps)
-    shift = bias - running_mean * scale
-    y     = x * scale + shift        (= BN's eval-mode output)
+    y     = (x - running_mean) * scale + bias        (= BN's eval-mode output)
+
+Centering first, not ``x * scale + shift``: with mean 1e4 and std 1e-2 in float32 the folded
+form loses the normalized value to the rounding of ``x * scale`` (~0.06); ``x - mean`` is exact.
 
 The state_dict has the keys of the BN it replaces (``weight``, ``bias``, ``running_mean``,
 ``running_var``); a BN checkpoint's ``num_batches_tracked`` is accepted and ignored on load, and
@@ -85,11 +87,15 @@ class _FrozenBatchNorm(nn.Module):
         frozen.train(bn.training)
         return frozen
 
+    def scale(self) -> torch.Tensor:
+        """``weight / sqrt(running_var + eps)``, shape ``(C,)``."""
+        return self.weight * torch.rsqrt(self.running_var + self.eps)
+
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The per-channel ``(scale, shift)`` with ``y = x * scale + shift``; shapes ``(C,)``."""
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        shift = self.bias - self.running_mean * scale
-        return scale, shift
+        """The per-channel ``(scale, shift)`` with ``y = x * scale + shift`` (for folding into a
+        previous layer, where the offset is applied to weights, not to activations); ``(C,)``."""
+        scale = self.scale()
+        return scale, self.bias - self.running_mean * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in self._expected_dims:
@@ -102,11 +108,9 @@ class _FrozenBatchNorm(nn.Module):
                 f"{type(self).__name__}: input has {x.shape[1]} channels on axis 1, expected "
                 f"num_features={self.num_features}; check the layer before it"
             )
-        # (x - mean) * scale + bias, not x * scale + shift: with mean 1e4 and std 1e-2 in
-        # float32, x * scale is ~1e6 and its rounding (~0.06) swamps the normalized value;
-        # x - mean is exact there. Same two elementwise ops (sub, addcmul).
+        # Centered first (module docstring); the same two elementwise ops (sub, addcmul).
         view = (1, -1) + (1,) * (x.dim() - 2)
-        scale = (self.weight * torch.rsqrt(self.running_var + self.eps)).reshape(view).to(x.dtype)
+        scale = self.scale().reshape(view).to(x.dtype)
         centered = x - self.running_mean.reshape(view).to(x.dtype)
         return torch.addcmul(self.bias.reshape(view).to(x.dtype), centered, scale)
 

@@ -182,7 +182,7 @@ def ghost_batch_norm(
     probe = x.narrow(0, 0, 0) if x.dim() >= 2 else x
     functional.check_args(probe, running_mean, running_var, weight, bias, True, momentum, eps, where=where)
     n = x.shape[0]
-    if n == 0:
+    if x.numel() == 0:  # no values (N = 0 or an empty spatial extent): nothing to normalize or update
         return functional.batch_norm(x, None, None, weight, bias, True, momentum, eps)
     per_sample = x.numel() // (n * x.shape[1]) if x.shape[1] else 0
     last = n - (n - 1) // virtual_batch_size * virtual_batch_size
@@ -243,7 +243,7 @@ class _GhostBatchNorm(BatchNormBase):
             self.eps,
             where=type(self).__name__,
         )
-        if self._tracks_this_batch() and input.shape[0] > 0:
+        if self._tracks_this_batch() and input.numel() > 0:  # as BatchNorm: no values, no update
             self._count_batch()
         return y
 

@@ -132,7 +132,7 @@ def batch_renorm(
             f"{where}: running_mean and running_var are required (r and d are computed from them), got None"
         )
     functional.check_args(x, running_mean, running_var, weight, bias, True, momentum, eps, where=where)
-    if x.shape[0] == 0:
+    if x.numel() == 0:  # no values (N = 0 or an empty spatial extent): nothing to normalize or update
         return functional.batch_norm(x, None, None, weight, bias, True, momentum, eps)
     return _BatchRenormFunction.apply(x, weight, bias, running_mean, running_var, eps, momentum, r_max, d_max)
 
@@ -224,7 +224,7 @@ class _BatchRenorm(BatchNormBase):
             self.eps,
             where=type(self).__name__,
         )
-        if input.shape[0] > 0:
+        if input.numel() > 0:  # as BatchNorm: no values, no update, no step
             self._count_batch()
             self.renorm_step.add_(1)
         return y
