@@ -236,3 +236,10 @@ def test_out_argument_is_written(out_layout, rng):
         dispatch.normalize_act(x, cache.mean, cache.invstd, gamma, beta, act, SLOPE, out=np.zeros((4, 3)))
     with pytest.raises(ValueError, match="count: expected"):
         dispatch.backward_dx_act(dy, x, cache.mean, cache.invstd, gamma, beta, act, SLOPE, False, *sums, 0)
+
+
+@pytest.mark.parametrize("bad", [np.ones(5), np.ones((4, 1))])
+def test_per_channel_vector_of_wrong_shape_names_the_argument(bad):
+    x = np.random.default_rng(0).normal(size=(8, 4, 3))
+    with pytest.raises(ValueError, match=r"gamma: expected shape \(4,\)"):
+        dispatch.forward_train(x, bad, None, 1e-5, "relu", 0.01)

@@ -209,16 +209,21 @@ def _row_starts_cached(rows: int, channels: int, itemsize: int, threads: int, bl
     return starts
 
 
-def _vector(a, channels: int, default: float) -> np.ndarray:
+def _vector(a, channels: int, default: float, name: str) -> np.ndarray:
     if a is None:
         return np.full(channels, default)
-    if isinstance(a, np.ndarray) and a.dtype == np.float64 and a.ndim == 1:
-        return a
-    return np.asarray(a, np.float64).reshape(channels)
+    v = a if isinstance(a, np.ndarray) and a.dtype == np.float64 else np.asarray(a, np.float64)
+    # Checked even on the fast path: the kernels index it by channel without bounds checks.
+    if v.shape != (channels,):
+        raise ValueError(
+            f"{name}: expected shape ({channels},) (one value per channel of x), got {np.shape(a)}; "
+            "check that it belongs to this input's channel axis 1"
+        )
+    return v
 
 
 def _affine(gamma, beta, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    return _vector(gamma, channels, 1.0), _vector(beta, channels, 0.0)
+    return _vector(gamma, channels, 1.0, "gamma"), _vector(beta, channels, 0.0, "beta")
 
 
 def _sum_parts(parts: np.ndarray) -> np.ndarray:
@@ -276,8 +281,8 @@ def normalize_act(
     dtype = _compute_dtype(x)
     layout, v = _canonical(x, dtype)
     g, b = _affine(gamma, beta, x.shape[1])
-    scale = g * _vector(invstd, x.shape[1], 1.0)
-    shift = b - _vector(mean, x.shape[1], 0.0) * scale
+    scale = g * _vector(invstd, x.shape[1], 1.0, "invstd")
+    shift = b - _vector(mean, x.shape[1], 0.0, "mean") * scale
     y_view, y = _out_view(out, x, layout, dtype)
     _normalize_into(layout, v, scale, shift, code, float(slope), y_view)
     return _finish(y, x.dtype)
@@ -344,8 +349,8 @@ def _backward_args(dy, saved, mean, invstd, gamma, beta, act: str, slope: float,
             "gamma: recovering x_hat from the output divides by gamma, which has zeros at "
             f"channels {np.flatnonzero(g == 0)[:8].tolist()}; use save_memory=False"
         )
-    mu = _vector(mean, channels, 0.0)
-    istd = _vector(invstd, channels, 1.0)
+    mu = _vector(mean, channels, 0.0, "mean")
+    istd = _vector(invstd, channels, 1.0, "invstd")
     return dtype, layout, v, (d, v, mu, istd, g, b, code, float(slope), bool(from_output))
 
 
@@ -421,7 +426,10 @@ def backward_dx_act(
     channels = saved.shape[1]
     dx_view, dx = _out_view(out, saved, layout, dtype)
     if v.size:
-        s_dz, s_dzx = _vector(sum_dz, channels, 0.0), _vector(sum_dz_xhat, channels, 0.0)
+        s_dz, s_dzx = (
+            _vector(sum_dz, channels, 0.0, "sum_dz"),
+            _vector(sum_dz_xhat, channels, 0.0, "sum_dz_xhat"),
+        )
         _dx(layout, args, s_dz, s_dzx, int(count), _threads(v.size), dx_view)
     return _finish(dx, saved.dtype)
 
