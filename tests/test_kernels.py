@@ -371,3 +371,47 @@ def test_child_forked_after_parallel_use_runs_single_threaded():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0", result.stderr
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 16), (2, 3), (300, 7)])
+def test_small_rows_shortcut_is_the_general_path_bit_for_bit(rng, shape, dtype):
+    # out= takes the general layout machinery; out=None on a small C-contiguous (N, C) array
+    # the direct .serial call (``_dispatch._small_rows``): the same kernel, the same bits.
+    x = make(rng, shape, dtype, "contiguous", loc=5.0, scale=2.0)
+    gamma, beta = rng.normal(size=(2, shape[1])).astype(dtype)
+    assert _dispatch._small_rows(x)
+    fast = kernels.forward_train(x, gamma, beta, 1e-5)
+    general = kernels.forward_train(x, gamma, beta, 1e-5, out=np.empty_like(x))
+    for a, b in zip(fast, general, strict=True):
+        np.testing.assert_array_equal(a, b)
+    want = reference.forward(x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64), 1e-5)[0]
+    np.testing.assert_allclose(fast[0], want, rtol=RTOL[dtype], atol=RTOL[dtype])
+    mean, invstd = fast[1], fast[3]
+    for dy in (np.broadcast_to(np.asarray(1.5, dtype), shape), make(rng, shape, dtype, "contiguous")):
+        fast_b = kernels.backward(dy, x, mean, invstd, gamma)
+        general_b = kernels.backward(dy, x, mean, invstd, gamma, out=np.empty_like(x))
+        for a, b in zip(fast_b, general_b, strict=True):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        kernels.normalize(x, mean, invstd, gamma, beta),
+        kernels.normalize(x, mean, invstd, gamma, beta, out=np.empty_like(x)),
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_update_running_matches_reference_and_numpy_ops(rng, dtype):
+    rm, rv = rng.normal(size=9).astype(dtype), rng.uniform(0.5, 2, 9).astype(dtype)
+    mean, var = rng.normal(size=9).astype(dtype), rng.uniform(0.5, 2, 9).astype(dtype)
+    want_mean, want_var = reference.update_running(rm, rv, mean, var, 40, 0.1)
+    # the NumPy expressions the compiled update replaced, bit for bit
+    np_mean, np_var = rm.copy(), rv.copy()
+    np_mean *= 1.0 - 0.1
+    np_mean += 0.1 * mean
+    np_var *= 1.0 - 0.1
+    np_var += (0.1 * 40 / 39) * var
+    _dispatch.update_running_(rm, rv, mean, var, 40, 0.1)
+    np.testing.assert_array_equal(rm, np_mean)
+    np.testing.assert_array_equal(rv, np_var)
+    np.testing.assert_allclose(rm, want_mean, rtol=RTOL[dtype], atol=RTOL[dtype])
+    np.testing.assert_allclose(rv, want_var, rtol=RTOL[dtype])

@@ -106,15 +106,16 @@ def _direct(x: torch.Tensor) -> bool:
     )
 
 
+# ``numpy(force=True)`` is ``detach().cpu().resolve_conj().resolve_neg().numpy()`` in one C++
+# call: the same zero-copy view of a real CPU tensor, 1.06 -> 0.88 us.
 def _np(t: torch.Tensor | None) -> Any:
-    return None if t is None else t.detach().numpy()
+    return None if t is None else t.numpy(force=True)
 
 
 def _np_as(t: torch.Tensor | None, dtype: torch.dtype) -> Any:
     if t is None:
         return None
-    t = t.detach()
-    return (t if t.dtype == dtype else t.to(dtype)).numpy()
+    return (t if t.dtype == dtype else t.detach().to(dtype)).numpy(force=True)
 
 
 def forward_train_arrays(x, weight, bias, eps: float):
@@ -146,7 +147,11 @@ def normalize(x, mean, invstd, weight, bias):
 def normalize_running(x, running_mean, running_var, eps: float, weight, bias):
     """``normalize`` with ``invstd = 1 / sqrt(running_var + eps)`` formed in float64 (CPU only)."""
     d = x.dtype
-    invstd = 1.0 / np.sqrt(running_var.detach().numpy().astype(np.float64) + eps)
+    # Three in-place ufuncs on one float64 buffer instead of astype + add + sqrt + divide
+    # (each allocating): (16,) running_var 3.3 -> 1.6 us.
+    invstd = np.add(_np(running_var), eps, dtype=np.float64)
+    np.sqrt(invstd, out=invstd)
+    np.divide(1.0, invstd, out=invstd)
     return torch.from_numpy(
         cpu_kernels.normalize(_np(x), _np_as(running_mean, d), invstd, _np_as(weight, d), _np_as(bias, d))
     )
@@ -168,6 +173,12 @@ def backward_arrays(dy, x, mean: Any, invstd: Any, weight):
     """``backward`` for a ``_direct`` x with the statistics as NumPy arrays (the eager module path)."""
     dy_np = _np(dy) if dy.dtype == x.dtype else _np_as(dy, x.dtype)
     dx, dweight, dbias = cpu_kernels.backward(dy_np, _np(x), mean, invstd, _np_as(weight, x.dtype))
+    return torch.from_numpy(dx), torch.from_numpy(dweight), torch.from_numpy(dbias)
+
+
+def backward_arrays_np(dy, dtype: torch.dtype, x_np: Any, mean: Any, invstd: Any, w_np: Any):
+    """``backward_arrays`` with x and weight already NumPy views in x's dtype ``dtype``."""
+    dx, dweight, dbias = cpu_kernels.backward(_np_as(dy, dtype), x_np, mean, invstd, w_np)
     return torch.from_numpy(dx), torch.from_numpy(dweight), torch.from_numpy(dbias)
 
 

@@ -305,13 +305,19 @@ def update_running_(
         and not running_var.requires_grad
         and mean.dtype == running_mean.dtype == running_var.dtype == var.dtype
     ):
-        # NumPy on the buffers' memory: 4 in-place torch ops cost ~8 us on (16,) buffers, these
-        # ~2 us. (The buffers' autograd version counter is not bumped; nothing saves them.)
-        rm, rv = running_mean.numpy(), running_var.numpy()
-        rm *= 1.0 - momentum
-        rm += momentum * mean.detach().numpy()
-        rv *= 1.0 - momentum
-        rv += (momentum * count / (count - 1)) * var.detach().numpy()
+        # One compiled call on the buffers' memory: 4 in-place torch ops cost ~8 us on (16,)
+        # buffers, six NumPy ops ~3.3 us, this ~1 us (bit-identical to the NumPy ops). (The
+        # buffers' autograd version counter is not bumped; nothing saves them.)
+        from batchnorm.kernels._dispatch import update_running_ as update_arrays
+
+        update_arrays(
+            running_mean.numpy(),
+            running_var.numpy(),
+            mean.detach().numpy(),
+            var.detach().numpy(),
+            count,
+            momentum,
+        )
         return
     with torch.no_grad():
         running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)

@@ -119,7 +119,7 @@ def backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.n
 def backward_compact(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The same gradient folded into the form the kernels compute (docs/math.md, last step)::
 
-        dx = gamma * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+    dx = gamma * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))
     """
     x, x_hat, _, _, invstd, gamma = cache
     axes = reduction_axes(x)

@@ -133,6 +133,24 @@ def _use_threads(size: int) -> int:
     return threads
 
 
+def _small_rows(x: object) -> bool:
+    """A non-empty C-contiguous float32/float64 ``(N, C)`` array below _PARALLEL_MIN elements.
+
+    Such an input is its own canonical rows view, is not regrouped (``_widen``) and runs on one
+    thread, so the functions below call the ``.serial`` kernel directly, skipping the layout
+    machinery (_prepare, _Output, _view, _use_threads): the same kernel on the same arguments.
+    (64, 16) float32, one call: forward_train 8.7 -> 5.2 us, backward 11.8 -> 6.6 us,
+    normalize 8.2 -> 4.9 us.
+    """
+    return (
+        type(x) is np.ndarray
+        and x.ndim == 2
+        and x.dtype.char in "fd"
+        and 0 < x.size < _PARALLEL_MIN
+        and x.flags.c_contiguous
+    )
+
+
 def _k(kernel, threads: int):  # type: ignore[no-untyped-def]
     """The kernel, or its single-threaded twin when one thread does the work (no pool start)."""
     return kernel.serial if threads == 1 else kernel
@@ -291,6 +309,14 @@ def normalize(
     Shape:
         x, y: ``(N, C, *spatial)``; mean, invstd, gamma, beta: ``(C,)``.
     """
+    if out is None and _small_rows(x):
+        c = x.shape[1]
+        mean64 = _vector(mean, c, "mean", 0.0)
+        scale = _vector(invstd, c, "invstd", 1.0) * _vector(gamma, c, "gamma", 1.0)
+        shift = _vector(beta, c, "beta", 0.0)
+        y = np.empty_like(x)
+        normalize_rows.serial(x, mean64, scale, shift, _blocks_rows(x.shape[0], c, x.itemsize, 1), y)
+        return y
     xc, kind = _prepare(x)
     c = x.shape[1]
     mean64 = _vector(mean, c, "mean", 0.0)
@@ -316,6 +342,16 @@ def forward_train(
     Shape:
         x, y: ``(N, C, *spatial)``; gamma, beta, mean, var, invstd: ``(C,)``.
     """
+    if out is None and _small_rows(x):
+        c = x.shape[1]
+        gamma64 = _vector(gamma, c, "gamma", 1.0)
+        beta64 = _vector(beta, c, "beta", 0.0)
+        y = np.empty_like(x)
+        mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
+        nblk = _blocks_rows(x.shape[0], c, x.itemsize, 1)
+        forward_train_rows.serial(x, 1, nblk, gamma64, beta64, float(eps), y, mean, var, invstd)
+        dt = x.dtype
+        return y, mean.astype(dt), var.astype(dt), invstd.astype(dt)
     xc, kind = _prepare(x)
     c = x.shape[1]
     dt = _compute_dtype(xc)
@@ -435,6 +471,23 @@ def backward(
 
     Shape: dy, x, dx: ``(N, C, *spatial)``; mean, invstd, gamma, dgamma, dbeta: ``(C,)``.
     """
+    if (
+        out is None
+        and _small_rows(x)
+        and type(dy) is np.ndarray
+        and dy.dtype == x.dtype
+        and dy.shape == x.shape
+    ):
+        c = x.shape[1]
+        dyc = np.ascontiguousarray(dy)  # what _prepare_pair makes of it (an expanded dy: a copy)
+        mean64 = _vector(mean, c, "mean", 0.0)
+        invstd64 = _vector(invstd, c, "invstd", 1.0)
+        gamma64 = _vector(gamma, c, "gamma", 1.0)
+        dxa = np.empty_like(x)
+        sum_dy, sum_dy_xhat = np.zeros(c), np.zeros(c)
+        nblk = _blocks_rows(x.shape[0], c, 2 * x.itemsize, 1)
+        backward_rows.serial(dyc, x, 1, nblk, mean64, invstd64, gamma64, dxa, sum_dy, sum_dy_xhat)
+        return dxa, sum_dy_xhat.astype(x.dtype), sum_dy.astype(x.dtype)
     xc, dyc, kind = _prepare_pair(dy, x)
     c = x.shape[1]
     dt = _compute_dtype(xc)
@@ -484,3 +537,46 @@ def backend_table() -> list[dict[str, str]]:
     ]
     rows.append({"input": "any", "layout": "other strides", "kernel": "copied once to one of the above"})
     return rows
+
+
+@numba.njit(cache=True, error_model="numpy", nogil=True)
+def _running_kernel(rm, rv, mean, var, keep, w_mean, w_var):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    # No fastmath: without FMA contraction each step rounds as the NumPy expressions
+    # ``rm *= keep; rm += w_mean * mean`` do (the scalars come in the arrays' dtype).
+    for i in range(rm.shape[0]):
+        rm[i] = rm[i] * keep + w_mean * mean[i]
+        rv[i] = rv[i] * keep + w_var * var[i]
+
+
+def update_running_(
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    count: int,
+    momentum: float,
+) -> None:
+    """``running <- (1 - momentum) * running + momentum * batch`` in place, ``var`` unbiased.
+
+    ``running_var`` gets ``var * count / (count - 1)`` (Bessel's correction on the biased batch
+    variance). All four arrays are ``(C,)`` of one dtype (float32 or float64); the caller
+    checks that. One compiled call instead of six NumPy operations on (C,) vectors: the
+    (64, 16) module training forward 33.6 -> ~30 us.
+    """
+    if running_mean.dtype.char not in "fd":
+        # float16 buffers: NumPy's ufuncs (numba has no float16 arithmetic)
+        running_mean *= 1.0 - momentum
+        running_mean += momentum * mean
+        running_var *= 1.0 - momentum
+        running_var += (momentum * count / (count - 1)) * var
+        return
+    dt = running_mean.dtype.type
+    _running_kernel(
+        running_mean,
+        running_var,
+        mean,
+        var,
+        dt(1.0 - momentum),
+        dt(momentum),
+        dt(momentum * count / (count - 1)),
+    )

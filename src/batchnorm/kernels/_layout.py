@@ -43,6 +43,12 @@ def _kind(a: np.ndarray) -> str | None:
 
 def _view(a: np.ndarray, kind: str) -> np.ndarray:
     """The canonical 3-D (channels-first) or 2-D (rows) view of an array of layout ``kind``."""
+    # The canonical arrays themselves, returned as they are: (64, 16) float32 forward_train
+    # builds three views, each ~0.95 -> ~0.15 us.
+    if kind == ROWS and a.ndim == 2:
+        return a
+    if kind == CF and a.ndim == 3:
+        return a
     n, c = a.shape[:2]
     if kind == CF:
         return a.reshape(n, c, math.prod(a.shape[2:]))
@@ -56,6 +62,10 @@ def _in_layout(a: np.ndarray, kind: str) -> np.ndarray:
     if _kind(a) == kind:
         return a
     if kind == CF:
+        return np.ascontiguousarray(a)
+    if kind == ROWS and a.ndim == 2:
+        # (N, C) rows are plain C order; the general permutation (np.argsort of a tuple) cost
+        # ~3 us for the expanded dy of every (N, C) backward after .sum()
         return np.ascontiguousarray(a)
     if kind == ROWS:
         perm = _perm(a.ndim)
@@ -123,6 +133,11 @@ class _Output:
                     "pass out=None to allocate"
                 )
         self.out = out
+        if out is None and kind == ROWS and x.ndim == 2:
+            # empty_like of a C-contiguous (R, C) array is one: no layout checks (the common
+            # (N, C) call: _Output 1.6 -> 0.4 us)
+            self.array = self.view = np.empty_like(x)
+            return
         direct = out is not None and out.dtype == x.dtype and _kind(out) == kind
         self.array = out if direct else np.empty_like(x)  # empty_like keeps x's layout
         if _kind(self.array) != kind:

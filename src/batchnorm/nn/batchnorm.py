@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import _custom_ops, _torch_ops, functional
+from batchnorm.kernels._dispatch import update_running_ as _update_running_arrays
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase"]
 
@@ -56,6 +57,18 @@ _TORCH_NDIMS: tuple[tuple[type, tuple[int, ...]], ...] = (
 
 
 _FAST_DTYPES = (torch.float32, torch.float64)
+
+try:
+    # What torch.onnx.is_in_onnx_export() reads, without its two function-level imports on
+    # every call: 1.35 -> 0.1 us per eval module call.
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _ONNX_GLOBALS
+
+    def _in_onnx_export() -> bool:
+        return bool(_ONNX_GLOBALS.in_onnx_export or _onnx_flags._is_onnx_exporting)
+
+except ImportError:  # pragma: no cover - another torch layout: the public (slower) query
+    _in_onnx_export = torch.onnx.is_in_onnx_export
 # Hooks a variant may override; a class that overrides none of them can take the fast path.
 _HOOKS = (
     "_input_ndims",
@@ -274,12 +287,16 @@ class BatchNormBase:
                 return None
             y, mean, var = _custom_ops.train_eager(input, weight, bias, eps)
             if tracks:
-                momentum = float(self.momentum)  # type: ignore[arg-type]
-                rm, rv = running_mean.numpy(), running_var.numpy()  # type: ignore[union-attr]
-                rm *= 1.0 - momentum
-                rm += momentum * mean
-                rv *= 1.0 - momentum
-                rv += (momentum * count / (count - 1)) * var
+                # one compiled call on the buffers' memory instead of six NumPy vector ops,
+                # bit-identical: (64, 16) training forward 33.6 -> ~30 us
+                _update_running_arrays(
+                    running_mean.numpy(),  # type: ignore[union-attr]
+                    running_var.numpy(),  # type: ignore[union-attr]
+                    mean,
+                    var,
+                    count,
+                    float(self.momentum),  # type: ignore[arg-type]
+                )
                 tracked = buffers.get("num_batches_tracked")
                 if tracked is not None and tracked.is_cpu and not tracked.requires_grad:
                     count_view = tracked.numpy()  # 0-d int64; += is in place (add_: 3 us, this 1.5)
@@ -287,7 +304,7 @@ class BatchNormBase:
             return y
         if running_mean is None or running_var is None or count == 0:
             return None
-        if torch.onnx.is_in_onnx_export():
+        if _in_onnx_export():
             return None
         if not _custom_ops._needs_grad(input, weight, bias):
             return _torch_ops.normalize_running(input, running_mean, running_var, eps, weight, bias)
