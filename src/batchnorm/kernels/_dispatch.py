@@ -5,7 +5,10 @@ Contract (shared by the numba kernels here and the Triton kernels in ``kernels/t
 * ``x``, ``dy``: ``(N, C, *spatial)``, any strides; float32 or float64 (float16 is computed in
   float32). Outputs have x's dtype and x's memory layout (channels-last stays channels-last).
 * Statistics (``mean``, ``var``, ``invstd``, sums) are ``(C,)`` in the *compute dtype*: float64
-  for float64 input, float32 otherwise; they are accumulated in float64 internally.
+  for float64 input, float32 otherwise. Channels-first statistics accumulate in float64; the
+  rows layout sums 32-row runs of ``x - shift`` in float32 (shift: a per-block estimate of the
+  mean, so the runs are small numbers) and combines the runs in float64, with an exact
+  two-pass fallback per channel when the shift was far off (kernels/stats.py).
 * ``gamma``/``beta`` may be ``None`` (meaning 1 and 0). Functions that produce a tensor the size
   of x accept ``out=`` (x's shape and dtype, any layout).
 
@@ -521,19 +524,19 @@ def backend_table() -> list[dict[str, str]]:
     threads = f"{num_threads()} threads (1 below {_PARALLEL_MIN} elements)"
     layouts = {
         "(N, C, *spatial) contiguous": (
-            f"numba, channel blocks fused, in memory order (row pieces if C is small); {threads}"
+            f"numba, channel blocks fused, in memory order (row pieces if C is small); {threads}",
+            "float64 accumulation",
         ),
-        "(N, C), channels-last": f"numba, row blocks across C (regrouped if C < {_WIDE_ROW}); {threads}",
+        "(N, C), channels-last": (
+            f"numba, row blocks across C (regrouped if C < {_WIDE_ROW}); {threads}",
+            "float32 runs of 32 rows about a shift, combined in float64",
+        ),
     }
-    precision = {
-        "float32": "float64 accumulation",
-        "float64": "float64",
-        "float16": "float32 copy, float64 accumulation, cast back",
-    }
+    precision = {"float32": "{}", "float64": "float64", "float16": "float32 copy, {}, cast back"}
     rows = [
-        {"input": dtype, "layout": layout, "kernel": f"{kernel}; {how}"}
+        {"input": dtype, "layout": layout, "kernel": f"{kernel}; {how.format(accumulation)}"}
         for dtype, how in precision.items()
-        for layout, kernel in layouts.items()
+        for layout, (kernel, accumulation) in layouts.items()
     ]
     rows.append({"input": "any", "layout": "other strides", "kernel": "copied once to one of the above"})
     return rows
