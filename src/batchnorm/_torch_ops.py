@@ -33,8 +33,14 @@ from batchnorm import kernels as cpu_kernels
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
+def triton_on_cpu() -> bool:
+    """``BATCHNORM_BACKEND=triton``: CPU tensors go to the Triton kernels (read per call, so
+    tests can switch it with monkeypatch.setenv)."""
+    return os.environ.get("BATCHNORM_BACKEND") == "triton"
+
+
 def _backend(x: torch.Tensor) -> Any:
-    if x.device.type == "cpu" and os.environ.get("BATCHNORM_BACKEND", "numba") != "triton":
+    if x.device.type == "cpu" and not triton_on_cpu():
         return None
     if x.device.type in ("cuda", "cpu"):
         from batchnorm.kernels import triton as gpu_kernels
@@ -99,11 +105,7 @@ def _direct(x: torch.Tensor) -> bool:
     thread, eval module call on (16, 64, 112, 112): 36 ms with torch.empty_like, 10 ms with
     NumPy's allocation (torch.nn: 27 ms).
     """
-    return (
-        x.dtype in _NUMPY_DTYPES
-        and x.device.type == "cpu"
-        and os.environ.get("BATCHNORM_BACKEND", "numba") != "triton"
-    )
+    return x.dtype in _NUMPY_DTYPES and x.device.type == "cpu" and not triton_on_cpu()
 
 
 # ``numpy(force=True)`` is ``detach().cpu().resolve_conj().resolve_neg().numpy()`` in one C++

@@ -376,7 +376,7 @@ def forward_train(
         _k(forward_train_rows, threads)(
             xw, k, nblk, gamma64, beta64, float(eps), _wide(y.view, k), mean, var, invstd
         )
-    elif kind != ROWS and (nb := _channel_blocks(xv.shape[0], c, xv.shape[2], xv.itemsize, threads)):
+    elif nb := _channel_blocks(xv.shape[0], c, xv.shape[2], xv.itemsize, threads):
         mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
         _k(forward_train_cf, threads)(xv, nb, gamma64, beta64, float(eps), y.view, mean, var, invstd)
     else:
@@ -509,7 +509,7 @@ def backward(
             _k(backward_rows, threads)(
                 _wide(dyv, k), xw, k, nblk, mean64, invstd64, gamma64, _wide(dx.view, k), sum_dy, sum_dy_xhat
             )
-        elif kind != ROWS and (nb := _channel_blocks(xv.shape[0], c, xv.shape[2], 2 * xv.itemsize, threads)):
+        elif nb := _channel_blocks(xv.shape[0], c, xv.shape[2], 2 * xv.itemsize, threads):
             _k(backward_cf, threads)(dyv, xv, nb, mean64, invstd64, gamma64, dx.view, sum_dy, sum_dy_xhat)
         else:
             m = xc.size // c

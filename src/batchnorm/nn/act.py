@@ -42,6 +42,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from batchnorm import _torch_ops
+from batchnorm._torch_ops import _compute_dtype
+from batchnorm._torch_ops import _from_numpy as _tensor
+from batchnorm._torch_ops import _np_as as _numpy
 from batchnorm.kernels import _act_dispatch as _kernels
 from batchnorm.nn.batchnorm import BatchNormBase
 
@@ -51,29 +54,13 @@ ACTIVATIONS = tuple(_kernels.ACTIVATIONS)
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
-def _numpy(t: Tensor | None, dtype: torch.dtype) -> Any:
-    if t is None:
-        return None
-    t = t.detach()
-    return (t if t.dtype == dtype else t.to(dtype)).numpy()
-
-
 def _numpy_stat(t: Tensor) -> Any:
     """A running buffer as NumPy, without a copy when NumPy has its dtype."""
     t = t.detach()
     return t.numpy() if t.dtype in _NUMPY_DTYPES else t.to(torch.float64).numpy()
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _tensor(a: Any, dtype: torch.dtype) -> Tensor:
-    t = torch.from_numpy(a)
     return t if t.dtype == dtype else t.to(dtype)
 
 

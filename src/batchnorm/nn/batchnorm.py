@@ -31,7 +31,6 @@ Differences from torch.nn, on purpose (all make errors earlier or state safer):
 
 from __future__ import annotations
 
-import os
 from typing import Any, ClassVar
 
 import torch
@@ -257,7 +256,7 @@ class BatchNormBase:
         17, 9.5 and 62 us; a trivial Python autograd.Function alone costs ~58 us there).
         """
         dtype = input.dtype
-        if dtype not in _FAST_DTYPES or not input.is_cpu or os.environ.get("BATCHNORM_BACKEND") == "triton":
+        if dtype not in _FAST_DTYPES or not input.is_cpu or _torch_ops.triton_on_cpu():
             return None
         shape = input.shape
         if len(shape) not in self._expected_ndims() or shape[1] != self.num_features:
