@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from batchnorm.kernels import _buffers
+
 ACTIVATIONS: dict[str, int] = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 INVERTIBLE = ("identity", "leaky_relu")
 
@@ -140,13 +142,13 @@ def _in_layout(a: np.ndarray, layout: str, dtype: np.dtype) -> np.ndarray:
 def _empty_like_layout(x: np.ndarray, layout: str, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """(kernel view, array shaped like x) sharing memory, in x's layout."""
     if x.ndim == 2:
-        full = np.empty(x.shape, dtype)
+        full = _buffers.empty(x.shape, dtype)
         return full, full
     n, c = x.shape[:2]
     if layout == "rc" and x.size != n * c:
-        moved = np.empty((n, *x.shape[2:], c), dtype)
+        moved = _buffers.empty((n, *x.shape[2:], c), dtype)
         return moved.reshape(-1, c), np.moveaxis(moved, -1, 1)
-    full = np.empty(x.shape, dtype)
+    full = _buffers.empty(x.shape, dtype)
     # S == 1: (N, C, 1, 1) and its channels-last form are the same memory as (N, C).
     return full.reshape((n, c) if layout == "rc" else (n, c, -1)), full
 

@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from batchnorm.kernels import _buffers
+
 CF = "channels-first"
 ROWS = "channels-last/rows"
 _CF_T = "transposed (N, C)"
@@ -136,10 +138,10 @@ class _Output:
         if out is None and kind == ROWS and x.ndim == 2:
             # empty_like of a C-contiguous (R, C) array is one: no layout checks (the common
             # (N, C) call: _Output 1.6 -> 0.4 us)
-            self.array = self.view = np.empty_like(x)
+            self.array = self.view = _buffers.empty(x.shape, x.dtype)
             return
         direct = out is not None and out.dtype == x.dtype and _kind(out) == kind
-        self.array = out if direct else np.empty_like(x)  # empty_like keeps x's layout
+        self.array = out if direct else _buffers.empty_like(x)  # keeps x's layout
         if _kind(self.array) != kind:
             self.array = _in_layout(self.array, kind)
         self.view = _view(self.array, kind)
