@@ -49,10 +49,9 @@ INVERTIBLE = ("identity", "leaky_relu")
 # stay in the per-core L2 (1 MiB here) next to the partial sums; 256 KiB leaves room for the
 # output stream.
 _BLOCK_BYTES = 256 * 1024
-# (N, C, S) backward: a channel's dy and x slabs (2 N S values) up to this size are processed
-# by one thread in one kernel, read from memory once; larger ones, or fewer channels than
-# threads, take the two-kernel path (sums, then dx) split over (n, c) rows. 1 MiB: the L2.
-_SLAB_BYTES = 1024 * 1024
+# (N, C, S) backward: blocks of channels whose dy and x slabs fit in cache run the fused
+# ``act.backward_cf`` (the plain BN's block choice, ``_dispatch._channel_blocks``); other
+# inputs take the two-kernel path (sums, then dx) split over (n, c) rows.
 
 
 _modules: dict[str, Any] = {}
@@ -69,15 +68,19 @@ def _kernels():  # type: ignore[no-untyped-def]
     return kernels
 
 
-def _threads(size: int) -> int:
-    """Threads for ``size`` elements: the BN kernels' policy (one thread below their
-    ``_PARALLEL_MIN``, else torch's thread count), sharing its override."""
+def _dispatch():  # type: ignore[no-untyped-def]
     dispatch = _modules.get("dispatch")
     if dispatch is None:
         from batchnorm.kernels import _dispatch as dispatch
 
         _modules["dispatch"] = dispatch
-    return dispatch._use_threads(size)
+    return dispatch
+
+
+def _threads(size: int) -> int:
+    """Threads for ``size`` elements: the BN kernels' policy (one thread below their
+    ``_PARALLEL_MIN``, else torch's thread count), sharing its override."""
+    return _dispatch()._use_threads(size)
 
 
 def _k(kernel, threads: int):  # type: ignore[no-untyped-def]
@@ -453,9 +456,9 @@ def backward(
     if layout == "rc" and threads == 1 and 2 * v.nbytes <= _BLOCK_BYTES and v.size:
         dbeta, dgamma = np.empty(channels), np.empty(channels)
         _kernels().backward_act_rows(*args, dx_view, dbeta, dgamma)
-    elif layout == "ncs" and channels >= threads and 2 * v.nbytes // max(1, channels) <= _SLAB_BYTES:
+    elif layout == "ncs" and (nb := _dispatch()._channel_blocks(*v.shape, 2 * v.itemsize, threads)):
         dbeta, dgamma = np.empty(channels), np.empty(channels)
-        _k(_kernels().backward_channels_ncs, threads)(*args, dx_view, dbeta, dgamma)
+        _k(_kernels().backward_cf, threads)(*args[:2], nb, *args[2:], dx_view, dbeta, dgamma)
     else:
         dbeta, dgamma = _reduce(layout, args, threads)
         _dx(layout, args, dbeta, dgamma, saved.size // max(1, saved.shape[1]), threads, dx_view)
