@@ -127,18 +127,23 @@ def test_forward_and_backward_match_reference(rng, shape, dtype, layout, path):
     close(dx2, dx_ref, dtype)
 
 
+@pytest.mark.parametrize("shape", [(6, 5, 7, 3), (40, 3, 2, 3)])  # the latter: ``_short_runs``
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_normalize_and_stats_match_reference(rng, dtype, layout, path):
-    x = make(rng, (5, 4, 6, 7), dtype, layout, loc=-2.0, scale=3.0)
+def test_normalize_and_stats_match_reference(rng, shape, dtype, layout, path):
+    x = make(rng, shape, dtype, layout, loc=-2.0, scale=3.0)
+    # a contiguous input of the second shape is normalized as rows (channels-last ones always are)
+    canonical = np.empty((shape[0], shape[1], shape[2] * shape[3]), dtype)
+    assert _dispatch._short_runs(canonical) == (shape == (40, 3, 2, 3))
     x64 = x.astype(np.float64)
     mean, var = kernels.channel_stats(x)
     _, cache = reference.forward(x64, None, None)
     close(mean, cache.mean, dtype, scale=2.0)
     close(var, cache.var, dtype)
 
-    running_mean, running_var = rng.normal(size=4), rng.uniform(0.5, 2.0, 4)
-    gamma, beta = rng.normal(size=4), rng.normal(size=4)
+    c = shape[1]
+    running_mean, running_var = rng.normal(size=c), rng.uniform(0.5, 2.0, c)
+    gamma, beta = rng.normal(size=c), rng.normal(size=c)
     y = kernels.normalize(x, running_mean, 1.0 / np.sqrt(running_var + 1e-5), gamma, beta)
     y_ref = reference.forward_inference(x64, gamma, beta, running_mean, running_var)
     assert y.dtype == dtype and same_layout(y, x)

@@ -109,9 +109,11 @@ def normalize_cf(x, c_, mean_hi, mean_lo, scale, shift, seg, y):  # pragma: no c
 
 
 @elementwise_kernel
-def normalize_rows(x, mean, scale, shift, nblk, y):  # pragma: no cover - compiled
-    """x, y: (R, W) rows, W = groups * C (as ``forward_train_rows``); ``mean``, ``scale``,
-    ``shift``: (C,) float64. Rows split into ``nblk`` blocks, the inner loop across W.
+def normalize_rows(x, mean, scale, shift, run, nblk, y):  # pragma: no cover - compiled
+    """x, y: (R, W) rows, column j of channel ``(j // run) % C``: W = groups * C (as
+    ``forward_train_rows``, run 1), or a contiguous (N, C, S) input with short S read as N
+    rows of C * S (run S, ``_dispatch._short_runs``); ``mean``, ``scale``, ``shift``: (C,)
+    float64. Rows split into ``nblk`` blocks, the inner loop across W.
 
     ``y = (x - mean_hi) * scale + (shift - mean_lo * scale)`` in x's dtype, with
     ``mean = mean_hi + mean_lo`` split into two of x's dtype: ``x - mean_hi`` is exact near the
@@ -126,7 +128,7 @@ def normalize_rows(x, mean, scale, shift, nblk, y):  # pragma: no cover - compil
     a = x[0].copy()
     t = x[0].copy()
     for j in range(w_):
-        c = j % c_
+        c = (j // run) % c_
         hi[j] = mean[c]
         a[j] = scale[c]
         t[j] = shift[c] - (mean[c] - hi[j]) * a[j]
