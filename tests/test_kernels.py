@@ -55,9 +55,9 @@ def forced_split():
 
 PATHS = {
     # one thread, one-call kernels (what small inputs get, or any input with one thread)
-    "serial": {"_SLAB_BYTES": 1 << 40, "_PARALLEL_MIN": 1 << 62},
+    "serial": {"_SLAB_BYTES": 1 << 40, "_MIN_RUN_BYTES": 0, "_PARALLEL_MIN": 1 << 62},
     # every thread, one-call kernels where the layout allows (what large inputs with many channels get)
-    "parallel": {"_SLAB_BYTES": 1 << 40, "_PARALLEL_MIN": 0},
+    "parallel": {"_SLAB_BYTES": 1 << 40, "_MIN_RUN_BYTES": 0, "_PARALLEL_MIN": 0},
     # every thread, blocked reductions combined across blocks (few channels, huge slabs)
     "split": SPLIT,
 }
@@ -420,3 +420,10 @@ def test_update_running_matches_reference_and_numpy_ops(rng, dtype):
     np.testing.assert_array_equal(rv, np_var)
     np.testing.assert_allclose(rm, want_mean, rtol=RTOL[dtype], atol=RTOL[dtype])
     np.testing.assert_allclose(rv, want_var, rtol=RTOL[dtype])
+
+
+def test_fused_channel_blocks_need_long_runs():
+    """Blocks whose per-n runs are short (many small strided runs) take the unfused path."""
+    assert _dispatch._channel_blocks(256, 16, 1024, 4, 1, 2) == 0  # 4 KB runs
+    assert _dispatch._channel_blocks(16, 64, 112 * 112, 4, 1, 2) == 64  # 50 KB runs
+    assert _dispatch._channel_blocks(16, 2048, 49, 4, 2, 2) > 0

@@ -83,9 +83,10 @@ def close(got, want, dtype):
 def block_bytes(request, monkeypatch):
     """The single-threaded twins (small inputs), and the parallel kernels with many small
     row blocks per thread, so every split and combine path runs on test-sized inputs."""
-    if request.param != "serial":
-        from batchnorm.kernels import _dispatch
+    from batchnorm.kernels import _dispatch
 
+    monkeypatch.setattr(_dispatch, "_MIN_RUN_BYTES", 0)  # test-sized runs may take the fused backward
+    if request.param != "serial":
         monkeypatch.setattr(dispatch, "_BLOCK_BYTES", 64)
         monkeypatch.setattr(_dispatch, "_PARALLEL_MIN", 1)
     return request.param

@@ -456,7 +456,7 @@ def backward(
     if layout == "rc" and threads == 1 and 2 * v.nbytes <= _BLOCK_BYTES and v.size:
         dbeta, dgamma = np.empty(channels), np.empty(channels)
         _kernels().backward_act_rows(*args, dx_view, dbeta, dgamma)
-    elif layout == "ncs" and (nb := _dispatch()._channel_blocks(*v.shape, 2 * v.itemsize, threads)):
+    elif layout == "ncs" and (nb := _dispatch()._channel_blocks(*v.shape, v.itemsize, 2, threads)):
         dbeta, dgamma = np.empty(channels), np.empty(channels)
         _k(_kernels().backward_cf, threads)(*args[:2], nb, *args[2:], dx_view, dbeta, dgamma)
     else:
