@@ -422,8 +422,10 @@ def test_update_running_matches_reference_and_numpy_ops(rng, dtype):
     np.testing.assert_allclose(rv, want_var, rtol=RTOL[dtype])
 
 
-def test_fused_channel_blocks_need_long_runs():
-    """Blocks whose per-n runs are short (many small strided runs) take the unfused path."""
-    assert _dispatch._channel_blocks(256, 16, 1024, 4, 1, 2) == 0  # 4 KB runs
-    assert _dispatch._channel_blocks(16, 64, 112 * 112, 4, 1, 2) == 64  # 50 KB runs
+def test_fused_channel_blocks_need_long_runs_or_small_blocks():
+    """Large blocks of short strided runs take the unfused path; short runs in small blocks and
+    long runs in large blocks stay fused."""
+    assert _dispatch._channel_blocks(256, 16, 1024, 4, 1, 2) == 0  # 1 MB blocks of 4 KB runs
+    assert _dispatch._channel_blocks(64, 128, 16, 4, 1, 2) == 2  # 256 KB blocks of 4 KB runs
+    assert _dispatch._channel_blocks(16, 64, 112 * 112, 4, 1, 2) == 64  # 800 KB blocks of 50 KB runs
     assert _dispatch._channel_blocks(16, 2048, 49, 4, 2, 2) > 0

@@ -183,11 +183,13 @@ def _channel_blocks(n: int, c: int, s: int, itemsize: int, arrays: int, threads:
     A block's slab (``arrays`` arrays of ``itemsize`` per value: x, or x and dy in backward)
     is about _CHANNEL_BLOCK_BYTES so its later passes come from L2; the block count is a
     multiple of the thread count. Not fused when one channel's slab exceeds _SLAB_BYTES, the
-    blocks would leave threads idle, or a block's runs (its channels' values at one n,
-    contiguous) are shorter than _MIN_RUN_BYTES: (256, 16, 32, 32) float32, one channel per
-    block, is 256 runs of 4 KB 64 KB apart, a new page (and prefetch stream) per run;
-    fused there, kernels.forward_train took 1.76 ms and backward 2.52 ms, unfused (row pieces
-    in memory order) 0.86 and 1.43 ms, 2 threads.
+    blocks would leave threads idle, or a block is both large (over half of
+    _CHANNEL_BLOCK_BYTES) and made of runs (its channels' values at one n, contiguous) shorter
+    than _MIN_RUN_BYTES. (256, 16, 32, 32) float32 is one channel per block, 256 runs of 4 KB
+    64 KB apart, 1 MB (a new page and prefetch stream per run, the later passes out of L2):
+    interleaved A/B, 2 threads, kernels.forward_train 2.79 ms fused vs 1.67 ms unfused (row
+    pieces in memory order), backward 3.02 vs 2.64 ms. Short runs in a small block are fine:
+    (64, 128, 4, 4), 64 runs of 4 KB per block, 256 KB: 70 us fused vs 183 us unfused.
     """
     per_channel = n * s * itemsize * arrays
     if per_channel > _SLAB_BYTES:
@@ -197,7 +199,8 @@ def _channel_blocks(n: int, c: int, s: int, itemsize: int, arrays: int, threads:
     if not (nb < c and (c % nb == 0 or c // nb >= 4)):
         # one channel per block (e.g. (16, 64, 112, 112): 64 blocks of 800 KB), if that balances
         nb = c if c % threads == 0 or c >= 8 * threads else 0
-    if nb and (c // nb) * s * itemsize < _MIN_RUN_BYTES:
+    channels = -(-c // nb) if nb else 0  # per block, at most
+    if nb and channels * s * itemsize < _MIN_RUN_BYTES and channels * per_channel > _CHANNEL_BLOCK_BYTES // 2:
         return 0
     return nb
 
