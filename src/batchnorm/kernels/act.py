@@ -49,7 +49,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import FASTMATH, parallel_kernel, serial_kernel
+from batchnorm.kernels._jit import ELEMENTWISE, FASTMATH, parallel_kernel, serial_kernel
 
 IDENTITY, RELU, LEAKY_RELU, SILU = 0, 1, 2, 3
 
@@ -294,73 +294,155 @@ def backward_dx_ncs(dy, v, mean, invstd, gamma, beta, act, slope, from_output, m
         )
 
 
-@numba.njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _sums_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, code, slope, from_output, s_dz, s_dz_xhat):
-    for r in range(r0, r1):
-        vr = v[r]
-        gr = dy[r]
-        for c in range(vr.shape[0]):
-            x_hat = _xhat_value(vr[c], mean[c], invstd[c], gamma[c], beta[c], code, slope, from_output)
-            dz = gr[c] * _act_grad(gamma[c] * x_hat + beta[c], code, slope)
-            s_dz[c] += dz
-            s_dz_xhat[c] += dz * x_hat
+# Rows backward: SUB rows summed in x's dtype before one float64 update (as the plain BN's
+# ``backward._reduce_block``).
+SUB = 32
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
+@numba.njit(inline="always", cache=True, fastmath=ELEMENTWISE, error_model="numpy")
+def _act_grad_typed(z, code, slope, one, zero):
+    """``_act_grad`` with its constants in z's dtype (float64 literals would promote float32)."""
+    if code == RELU:
+        return one if z > zero else zero
+    if code == LEAKY_RELU:
+        return one if z > zero else slope
+    if code == SILU:
+        s = one / (one + math.exp(-z))
+        return s * (one + z * (one - s))
+    return one
+
+
+@numba.njit(inline="always", cache=True, fastmath=ELEMENTWISE, error_model="numpy")
+def _xhat_typed(v, hi, lo, istd, g, bt, code, slope, from_output, zero):
+    """x_hat of one saved value in its dtype: ``((x - mean_hi) - mean_lo) invstd`` (``x - mean_hi``
+    exact near the mean), or from y ``(act^-1(y) - beta) / gamma``."""
+    if from_output:
+        z = v / slope if code == LEAKY_RELU and v <= zero else v
+        return (z - bt) / g
+    return ((v - hi) - lo) * istd
+
+
+@numba.njit(inline="always", cache=True, fastmath=ELEMENTWISE, error_model="numpy")
+def _sums_rows_code(dy, v, r0, r1, hi, lo, istd, g, bt, code, slope, from_output, one, zero, s_dz, s_dz_xhat):
+    c_ = v.shape[1]
+    t1 = np.empty(c_, v.dtype)
+    t2 = np.empty(c_, v.dtype)
+    for s in range(r0, r1, SUB):
+        for c in range(c_):
+            t1[c] = zero
+            t2[c] = zero
+        for r in range(s, min(s + SUB, r1)):
+            vr = v[r]
+            gr = dy[r]
+            for c in range(c_):
+                x_hat = _xhat_typed(vr[c], hi[c], lo[c], istd[c], g[c], bt[c], code, slope, from_output, zero)
+                dz = gr[c] * _act_grad_typed(g[c] * x_hat + bt[c], code, slope, one, zero)
+                t1[c] += dz
+                t2[c] += dz * x_hat
+        for c in range(c_):
+            s_dz[c] += t1[c]
+            s_dz_xhat[c] += t2[c]
+
+
+@numba.njit(cache=True, fastmath=ELEMENTWISE, error_model="numpy", nogil=True)
+def _typed(v, mean, invstd, gamma, beta, slope):
+    """The per-channel vectors in v's dtype (mean as hi + lo), and slope, 1 and 0 as scalars."""
+    c_ = v.shape[1]
+    hi = np.empty(c_, v.dtype)
+    lo = np.empty(c_, v.dtype)
+    istd = np.empty(c_, v.dtype)
+    g = np.empty(c_, v.dtype)
+    bt = np.empty(c_, v.dtype)
+    for c in range(c_):
+        hi[c] = mean[c]
+        lo[c] = mean[c] - hi[c]
+        istd[c] = invstd[c]
+        g[c] = gamma[c]
+        bt[c] = beta[c]
+    consts = np.empty(3, v.dtype)
+    consts[0] = slope
+    consts[1] = 1.0
+    consts[2] = 0.0
+    return hi, lo, istd, g, bt, consts[0], consts[1], consts[2]
+
+
+@numba.njit(cache=True, fastmath=ELEMENTWISE, error_model="numpy", nogil=True)
 def _sums_rows(dy, v, r0, r1, mean, invstd, gamma, beta, act, slope, from_output, s_dz, s_dz_xhat):
     """Adds ``dz`` and ``dz x_hat`` of rows [r0, r1) to the (C,) float64 ``s_dz``, ``s_dz_xhat``.
 
-    One loop across channels per row with the branch on (act, from_output) taken once per
-    block (the ``_code`` variants compile with constants and vectorize). relu, float32, one
-    thread, minimum of 51: (256, 1024) 229 -> 163 us (and ``_dx_rows`` 292 -> 147 us),
-    (50176, 64) 3.9 -> 1.7 ms; x_hat and dz went through (C,) float64 scratch rows before,
-    three loops per row."""
+    One loop across channels per row, in x's dtype, SUB rows per float64 update; the branch on
+    (act, from_output) taken once per block (the ``_code`` variants compile with constants
+    and vectorize). relu, float32, one thread, minimum of 51: (256, 1024) 222 -> 98 us, and
+    ``_dx_rows`` 293 -> 107 us; (50176, 64) 3.7 -> 0.9 ms and 3.8 -> 1.3 ms (x_hat and dz
+    went through (C,) float64 scratch rows, three loops per row, before). The sums differ
+    from float64 accumulation by ~1e-7 relative.
+    """
+    hi, lo, istd, g, bt, sl, one, zero = _typed(v, mean, invstd, gamma, beta, slope)
     if from_output:
         if act == LEAKY_RELU:
             _sums_rows_code(
-                dy, v, r0, r1, mean, invstd, gamma, beta, LEAKY_RELU, slope, True, s_dz, s_dz_xhat
+                dy, v, r0, r1, hi, lo, istd, g, bt, LEAKY_RELU, sl, True, one, zero, s_dz, s_dz_xhat
             )
         else:
-            _sums_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, IDENTITY, slope, True, s_dz, s_dz_xhat)
+            _sums_rows_code(
+                dy, v, r0, r1, hi, lo, istd, g, bt, IDENTITY, sl, True, one, zero, s_dz, s_dz_xhat
+            )
     elif act == RELU:
-        _sums_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, RELU, slope, False, s_dz, s_dz_xhat)
+        _sums_rows_code(dy, v, r0, r1, hi, lo, istd, g, bt, RELU, sl, False, one, zero, s_dz, s_dz_xhat)
     elif act == LEAKY_RELU:
-        _sums_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, LEAKY_RELU, slope, False, s_dz, s_dz_xhat)
+        _sums_rows_code(dy, v, r0, r1, hi, lo, istd, g, bt, LEAKY_RELU, sl, False, one, zero, s_dz, s_dz_xhat)
     elif act == SILU:
-        _sums_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, SILU, slope, False, s_dz, s_dz_xhat)
+        _sums_rows_code(dy, v, r0, r1, hi, lo, istd, g, bt, SILU, sl, False, one, zero, s_dz, s_dz_xhat)
     else:
-        _sums_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, IDENTITY, slope, False, s_dz, s_dz_xhat)
+        _sums_rows_code(dy, v, r0, r1, hi, lo, istd, g, bt, IDENTITY, sl, False, one, zero, s_dz, s_dz_xhat)
 
 
-@numba.njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
-def _dx_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, code, slope, from_output, m_dz, m_dzx, dx):
+@numba.njit(inline="always", cache=True, fastmath=ELEMENTWISE, error_model="numpy")
+def _dx_rows_code(
+    dy, v, r0, r1, hi, lo, istd, g, bt, code, slope, from_output, one, zero, k, m_dz, m_dzx, dx
+):
     for r in range(r0, r1):
         vr = v[r]
         gr = dy[r]
         dr = dx[r]
         for c in range(vr.shape[0]):
-            x_hat = _xhat_value(vr[c], mean[c], invstd[c], gamma[c], beta[c], code, slope, from_output)
-            dz = gr[c] * _act_grad(gamma[c] * x_hat + beta[c], code, slope)
-            dr[c] = gamma[c] * invstd[c] * (dz - m_dz[c] - x_hat * m_dzx[c])
+            x_hat = _xhat_typed(vr[c], hi[c], lo[c], istd[c], g[c], bt[c], code, slope, from_output, zero)
+            dz = gr[c] * _act_grad_typed(g[c] * x_hat + bt[c], code, slope, one, zero)
+            dr[c] = k[c] * (dz - m_dz[c] - x_hat * m_dzx[c])
 
 
-@numba.njit(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
-def _dx_rows(dy, v, r0, r1, mean, invstd, gamma, beta, act, slope, from_output, m_dz, m_dzx, dx):
-    """dx of rows [r0, r1), ``m_dz``/``m_dzx`` the (C,) means of dz and dz x_hat; branch
-    hoisted as in ``_sums_rows``."""
+@numba.njit(cache=True, fastmath=ELEMENTWISE, error_model="numpy", nogil=True)
+def _dx_rows(dy, v, r0, r1, mean, invstd, gamma, beta, act, slope, from_output, mean_dz, mean_dz_xhat, dx):
+    """dx of rows [r0, r1) in x's dtype, ``mean_dz``/``mean_dz_xhat`` the (C,) float64 means of
+    dz and dz x_hat; branch hoisted as in ``_sums_rows``."""
+    hi, lo, istd, g, bt, sl, one, zero = _typed(v, mean, invstd, gamma, beta, slope)
+    c_ = v.shape[1]
+    k = np.empty(c_, v.dtype)
+    m_dz = np.empty(c_, v.dtype)
+    m_dzx = np.empty(c_, v.dtype)
+    for c in range(c_):
+        k[c] = gamma[c] * invstd[c]
+        m_dz[c] = mean_dz[c]
+        m_dzx[c] = mean_dz_xhat[c]
     if from_output:
         if act == LEAKY_RELU:
-            _dx_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, LEAKY_RELU, slope, True, m_dz, m_dzx, dx)
+            _dx_rows_code(
+                dy, v, r0, r1, hi, lo, istd, g, bt, LEAKY_RELU, sl, True, one, zero, k, m_dz, m_dzx, dx
+            )
         else:
-            _dx_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, IDENTITY, slope, True, m_dz, m_dzx, dx)
+            _dx_rows_code(
+                dy, v, r0, r1, hi, lo, istd, g, bt, IDENTITY, sl, True, one, zero, k, m_dz, m_dzx, dx
+            )
     elif act == RELU:
-        _dx_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, RELU, slope, False, m_dz, m_dzx, dx)
+        _dx_rows_code(dy, v, r0, r1, hi, lo, istd, g, bt, RELU, sl, False, one, zero, k, m_dz, m_dzx, dx)
     elif act == LEAKY_RELU:
-        _dx_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, LEAKY_RELU, slope, False, m_dz, m_dzx, dx)
+        _dx_rows_code(
+            dy, v, r0, r1, hi, lo, istd, g, bt, LEAKY_RELU, sl, False, one, zero, k, m_dz, m_dzx, dx
+        )
     elif act == SILU:
-        _dx_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, SILU, slope, False, m_dz, m_dzx, dx)
+        _dx_rows_code(dy, v, r0, r1, hi, lo, istd, g, bt, SILU, sl, False, one, zero, k, m_dz, m_dzx, dx)
     else:
-        _dx_rows_code(dy, v, r0, r1, mean, invstd, gamma, beta, IDENTITY, slope, False, m_dz, m_dzx, dx)
+        _dx_rows_code(dy, v, r0, r1, hi, lo, istd, g, bt, IDENTITY, sl, False, one, zero, k, m_dz, m_dzx, dx)
 
 
 @parallel_kernel
