@@ -255,16 +255,19 @@ def _stats(layout: str, v: np.ndarray, threads: int) -> tuple[np.ndarray, np.nda
     return mean, var
 
 
-def _normalize_into(layout: str, v: np.ndarray, scale, shift, code: int, slope: float, y_view) -> None:
+def _normalize_into(layout: str, v: np.ndarray, mean, scale, beta, code: int, slope: float, y_view) -> None:
+    """y = act((x - mean) scale + beta) into ``y_view``; float64 (C,) vectors."""
     if not v.size:
         return
     k = _kernels()
     threads = _threads(v.size)
     if layout == "ncs":
+        with np.errstate(all="ignore"):  # non-finite statistics propagate silently, as in torch
+            shift = beta - mean * scale
         _k(k.normalize_act_ncs, threads)(v, scale, shift, code, slope, y_view)
     else:
         starts = _row_starts(v.shape[0], v.shape[1], v.itemsize, threads)
-        _k(k.normalize_act_rc, threads)(v, scale, shift, code, slope, starts, y_view)
+        _k(k.normalize_act_rc, threads)(v, mean, scale, beta, code, slope, starts, y_view)
 
 
 def normalize_act(
@@ -287,9 +290,9 @@ def normalize_act(
     layout, v = _canonical(x, dtype)
     g, b = _affine(gamma, beta, x.shape[1])
     scale = g * _vector(invstd, x.shape[1], 1.0, "invstd")
-    shift = b - _vector(mean, x.shape[1], 0.0, "mean") * scale
+    mean64 = _vector(mean, x.shape[1], 0.0, "mean")
     y_view, y = _out_view(out, x, layout, dtype)
-    _normalize_into(layout, v, scale, shift, code, float(slope), y_view)
+    _normalize_into(layout, v, mean64, scale, b, code, float(slope), y_view)
     return _finish(y, x.dtype)
 
 
@@ -315,9 +318,7 @@ def forward_train(x, gamma, beta, eps: float, act: str = "relu", slope: float = 
     else:
         mean, var = _stats(layout, v, threads)
         invstd = 1.0 / np.sqrt(var + eps)
-        scale = g * invstd
-        shift = b - mean * scale
-        _normalize_into(layout, v, scale, shift, code, float(slope), y_view)
+        _normalize_into(layout, v, mean, g * invstd, b, code, float(slope), y_view)
     y = _finish(y, x.dtype)
     if dtype == np.float64:
         return y, mean, var, invstd
