@@ -454,9 +454,11 @@ def backward(
     threads = _threads(v.size)
     dx_view, dx = _empty_like_layout(saved, layout, dtype)
     channels = v.shape[1]
-    if layout == "rc" and threads == 1 and 2 * v.nbytes <= _BLOCK_BYTES and v.size:
+    if layout == "rc" and v.size:
         dbeta, dgamma = np.empty(channels), np.empty(channels)
-        _kernels().backward_act_rows(*args, dx_view, dbeta, dgamma)
+        starts = _row_starts(v.shape[0], channels, v.itemsize, threads)
+        parts = np.empty((2, starts.size - 1, channels))
+        _k(_kernels().backward_rc, threads)(*args, starts, parts[0], parts[1], dx_view, dbeta, dgamma)
     elif layout == "ncs" and (nb := _dispatch()._channel_blocks(*v.shape, v.itemsize, 2, threads)):
         dbeta, dgamma = np.empty(channels), np.empty(channels)
         _k(_kernels().backward_cf, threads)(*args[:2], nb, *args[2:], dx_view, dbeta, dgamma)
