@@ -29,6 +29,7 @@ def test_info_json_names_versions_threads_and_kernels(capsys):
     assert info["batchnorm"] == batchnorm.__version__
     assert info["versions"]["torch"].startswith("2.")
     assert info["threads"] >= 1
+    assert info["output_buffer_cache_mib"] == batchnorm.kernels.cache_limit() >> 20
     layouts = {row["layout"] for row in info["kernels"]}
     assert len(info["kernels"]) >= 3 and len(layouts) >= 2
 

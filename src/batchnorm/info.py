@@ -19,7 +19,7 @@ def _version(package: str) -> str:
 def collect() -> dict:
     """Versions, thread counts and the kernel table, as plain data."""
     import batchnorm
-    from batchnorm.kernels import _dispatch
+    from batchnorm.kernels import _buffers, _dispatch
 
     info: dict = {
         "batchnorm": batchnorm.__version__,
@@ -27,6 +27,7 @@ def collect() -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
         "versions": {p: _version(p) for p in ("numpy", "numba", "torch", "triton", "matplotlib", "rich")},
         "threads": _dispatch.num_threads(),
+        "output_buffer_cache_mib": _buffers.cache_limit() >> 20,
         "kernels": _dispatch.backend_table() + _gpu_rows(),
     }
     return info
@@ -69,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"[bold]batchnorm {info['batchnorm']}[/bold]  python {info['python']}  ({info['machine']})")
     console.print("  ".join(f"{k} {v}" for k, v in info["versions"].items()))
-    console.print(f"kernel threads: {info['threads']}")
+    console.print(
+        f"kernel threads: {info['threads']}  output buffer cache: up to "
+        f"{info['output_buffer_cache_mib']} MiB (BATCHNORM_BUFFER_CACHE_MB)"
+    )
     table = Table(title="Kernel dispatch")
     for column in ("input", "layout", "kernel"):
         table.add_column(column)
