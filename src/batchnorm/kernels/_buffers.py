@@ -112,9 +112,13 @@ def _base(nbytes: int) -> np.ndarray | None:
         _clock += 1
         bases = _buffers.get(nbytes)
         if bases is not None:
-            for i in range(len(bases)):
+            # Most recently handed out first, and moved to the end when handed out again: a
+            # buffer that was in use a moment ago is likely still in cache, so writing the output
+            # does not first fetch its old lines from memory (glibc's free lists are LIFO too).
+            for i in range(len(bases) - 1, -1, -1):
                 if sys.getrefcount(bases[i]) <= _FREE_REFS:
-                    base = bases[i]
+                    base = bases.pop(i)
+                    bases.append(base)
                     _used[id(base)] = _clock
                     return base
         _drop_free(nbytes)
