@@ -63,8 +63,8 @@ from batchnorm.kernels.stats import stats_cf, stats_rows
 # A channel's slab (x, or x and dy in backward) up to this size is processed by one thread in
 # one go, its later passes served from cache (the 2 MiB L2 per core, 32 MiB shared L3 here).
 _SLAB_BYTES = 4 << 20
-# Fused channels-first kernels work on blocks of consecutive channels of about this size,
-# whose runs (a block's values at one n) are at least _MIN_RUN_BYTES long.
+# Fused channels-first kernels work on blocks of consecutive channels of about this size;
+# blocks over half of it need runs (a block's values at one n) of _MIN_RUN_BYTES or more.
 _CHANNEL_BLOCK_BYTES = 1 << 20
 _MIN_RUN_BYTES = 16 << 10
 # Split reductions use blocks up to this size so their second pass hits L2.
@@ -478,14 +478,18 @@ def backward_dx(
     gamma64 = _vector(gamma, c, "gamma", 1.0)
     sum_dy64 = _vector(sum_dy, c, "sum_dy", 0.0)
     sum_dy_xhat64 = _vector(sum_dy_xhat, c, "sum_dy_xhat", 0.0)
-    with np.errstate(all="ignore"):  # non-finite values propagate silently, as in torch
-        a = gamma64 * invstd64  # gamma invstd
-        mdy = sum_dy64 / count  # mean(dy)
-        k = sum_dy_xhat64 / count * invstd64  # mean(dy x_hat) invstd
+    a, mdy, k = _dx_coefficients(gamma64, invstd64, sum_dy64, sum_dy_xhat64, count)
     dx = _Output(xc, kind, x.dtype, out)
     if xc.size:
         _dx64(_view(dyc, kind), _view(xc, kind), kind, mean64, a, mdy, k, dx.view, _use_threads(xc.size))
     return dx.result(x.dtype)
+
+
+def _dx_coefficients(gamma, invstd, sum_dy, sum_dy_xhat, count: int):  # type: ignore[no-untyped-def]
+    """``dx = a (dy - mdy - (x - mean) k)``'s per-channel ``(a, mdy, k)`` from float64 vectors:
+    ``a = gamma invstd``, ``mdy = mean(dy)``, ``k = mean(dy x_hat) invstd``."""
+    with np.errstate(all="ignore"):  # non-finite sums propagate silently, as in torch
+        return gamma * invstd, sum_dy / count, sum_dy_xhat / count * invstd
 
 
 def _dx64(dyv, xv, kind, mean, a, mdy, k, dxv, threads) -> None:  # type: ignore[no-untyped-def]
@@ -557,8 +561,7 @@ def backward(
         else:
             m = xc.size // c
             sum_dy, sum_dy_xhat = _reduce64(dyv, xv, kind, mean64, invstd64, threads)
-            with np.errstate(all="ignore"):  # non-finite sums propagate silently, as in torch
-                a, mdy, k = gamma64 * invstd64, sum_dy / m, sum_dy_xhat / m * invstd64
+            a, mdy, k = _dx_coefficients(gamma64, invstd64, sum_dy, sum_dy_xhat, m)
             _dx64(dyv, xv, kind, mean64, a, mdy, k, dx.view, threads)
     return dx.result(x.dtype), sum_dy_xhat.astype(dt), sum_dy.astype(dt)
 

@@ -300,6 +300,20 @@ def batch_norm_act(
     )
 
 
+def _inference_numba(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float, act: str, slope: float,
+) -> Tensor:  # fmt: skip
+    """Prediction on the numba kernels, all in NumPy on the buffers' memory: the torch ops for
+    invstd and the casts would cost more than the kernel on small inputs."""
+    cd = _compute_dtype(x)
+    y = _kernels.forward_inference(
+        _numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd), _numpy_stat(running_mean),
+        _numpy_stat(running_var), eps, act, slope,
+    )  # fmt: skip
+    return _tensor(y, x.dtype)
+
+
 def _batch_norm_act(
     x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
     bias: Tensor | None, training: bool, momentum: float, eps: float, act: str, negative_slope: float,
@@ -325,14 +339,7 @@ def _batch_norm_act(
             return gpu.forward_inference_act(
                 x, weight, bias, running_mean, running_var, eps, act, negative_slope
             )
-        # all in NumPy on the buffers' memory: the torch ops for invstd and the casts would cost
-        # more than the kernel on small inputs
-        cd = _compute_dtype(x)
-        y = _kernels.forward_inference(
-            _numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd), _numpy_stat(running_mean),
-            _numpy_stat(running_var), eps, act, negative_slope,
-        )  # fmt: skip
-        return _tensor(y, x.dtype)
+        return _inference_numba(x, running_mean, running_var, weight, bias, eps, act, negative_slope)
     if x.numel() == 0:  # an empty batch: nothing to normalize, no statistics to update
         return _activate(x * 1.0, act, negative_slope)
     count = x.numel() // max(1, x.shape[1])
@@ -439,12 +446,9 @@ class _BatchNormActMixin(BatchNormBase):
     def _fast_eval(self, input: Tensor, running_mean, running_var, weight, bias, eps: float):  # type: ignore[no-untyped-def]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
             return None  # recording in eval mode: the general path (torch's batch_norm + act)
-        cd = _compute_dtype(input)
-        y = _kernels.forward_inference(
-            _numpy(input, cd), _numpy(weight, cd), _numpy(bias, cd), _numpy_stat(running_mean),
-            _numpy_stat(running_var), eps, self.act, self.negative_slope,
-        )  # fmt: skip
-        return _tensor(y, input.dtype)
+        return _inference_numba(
+            input, running_mean, running_var, weight, bias, eps, self.act, self.negative_slope
+        )
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
