@@ -330,7 +330,7 @@ def test_kernels_are_cached_on_disk_and_listed():
     modules = [sys.modules["batchnorm.kernels.backward"], forward, stats]
     jitted = list({id(f): f for m in modules for f in vars(m).values() if hasattr(f, "py_func")}.values())
     jitted += [f.serial for f in jitted if hasattr(f, "serial")]
-    assert len(jitted) == 26  # 12 kernels with serial twins + _reduce_block, _stats_block
+    assert len(jitted) == 27  # 12 kernels with serial twins + _reduce_block, _stats_block, _affine_rows
     assert all(type(f._cache).__name__ == "FunctionCache" for f in jitted)
     rows = kernels.backend_table()
     assert {"float32", "float64", "float16"} <= {r["input"] for r in rows}
@@ -420,6 +420,20 @@ def test_update_running_matches_reference_and_numpy_ops(rng, dtype):
     np.testing.assert_array_equal(rv, np_var)
     np.testing.assert_allclose(rm, want_mean, rtol=RTOL[dtype], atol=RTOL[dtype])
     np.testing.assert_allclose(rv, want_var, rtol=RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("momentum", [0.1, 1, 0.0])
+def test_update_running_counted_is_the_update_plus_one_count(rng, dtype, momentum):
+    rm, rv = rng.normal(size=7).astype(dtype), rng.uniform(0.5, 2, 7).astype(dtype)
+    mean, var = rng.normal(size=7).astype(dtype), rng.uniform(0.5, 2, 7).astype(dtype)
+    want_mean, want_var = rm.copy(), rv.copy()
+    _dispatch.update_running_(want_mean, want_var, mean, var, 12, momentum)
+    tracked = np.array(41, np.int64)  # 0-d, as num_batches_tracked.numpy()
+    _dispatch.update_running_counted_(rm, rv, tracked, mean, var, 12, momentum)
+    np.testing.assert_array_equal(rm, want_mean)
+    np.testing.assert_array_equal(rv, want_var)
+    assert tracked.shape == () and int(tracked) == 42
 
 
 def test_fused_channel_blocks_need_long_runs_or_small_blocks():

@@ -591,12 +591,34 @@ def backend_table() -> list[dict[str, str]]:
 
 
 @numba.njit(cache=True, error_model="numpy", nogil=True)
-def _running_kernel(rm, rv, mean, var, keep, w_mean, w_var):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    # No fastmath: without FMA contraction each step rounds as the NumPy expressions
-    # ``rm *= keep; rm += w_mean * mean`` do (the scalars come in the arrays' dtype).
+def _running_step(rm, rv, mean, var, momentum, count):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """rm <- (1 - momentum) rm + momentum mean; rv <- (1 - momentum) rv + momentum m/(m-1) var.
+
+    No fastmath: without FMA contraction each step rounds as the NumPy expressions
+    ``rm *= keep; rm += w_mean * mean`` do, the three weights rounded to the arrays' dtype
+    first (as NumPy scalars of that dtype would be).
+    """
+    dt = rm.dtype.type
+    keep = dt(1.0 - momentum)
+    w_mean = dt(momentum)
+    w_var = dt(momentum * count / (count - 1))
     for i in range(rm.shape[0]):
         rm[i] = rm[i] * keep + w_mean * mean[i]
         rv[i] = rv[i] * keep + w_var * var[i]
+
+
+@numba.njit(cache=True, error_model="numpy", nogil=True)
+def _running_step_counted(rm, rv, tracked, mean, var, momentum, count):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    _running_step(rm, rv, mean, var, momentum, count)
+    tracked[()] += 1
+
+
+def _numpy_running_step(running_mean, running_var, mean, var, count: int, momentum: float) -> None:  # type: ignore[no-untyped-def]
+    # float16 buffers: NumPy's ufuncs (numba has no float16 arithmetic)
+    running_mean *= 1.0 - momentum
+    running_mean += momentum * mean
+    running_var *= 1.0 - momentum
+    running_var += (momentum * count / (count - 1)) * var
 
 
 def update_running_(
@@ -615,19 +637,30 @@ def update_running_(
     (64, 16) module training forward 33.6 -> ~30 us.
     """
     if running_mean.dtype.char not in "fd":
-        # float16 buffers: NumPy's ufuncs (numba has no float16 arithmetic)
-        running_mean *= 1.0 - momentum
-        running_mean += momentum * mean
-        running_var *= 1.0 - momentum
-        running_var += (momentum * count / (count - 1)) * var
+        _numpy_running_step(running_mean, running_var, mean, var, count, momentum)
         return
-    dt = running_mean.dtype.type
-    _running_kernel(
-        running_mean,
-        running_var,
-        mean,
-        var,
-        dt(1.0 - momentum),
-        dt(momentum),
-        dt(momentum * count / (count - 1)),
+    _running_step(running_mean, running_var, mean, var, float(momentum), int(count))
+
+
+def update_running_counted_(
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    num_batches_tracked: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    count: int,
+    momentum: float,
+) -> None:
+    """``update_running_`` and ``num_batches_tracked += 1`` (a 0-d integer array) in one call.
+
+    The modules' fast path: module forward+backward on (64, 16), interleaved, 2 threads:
+    78.5 -> 66.6 us against the update and a separate NumPy ``+= 1`` on the counter's 0-d
+    view (that increment alone cost ~10 us inside a forward+backward step).
+    """
+    if running_mean.dtype.char not in "fd":
+        _numpy_running_step(running_mean, running_var, mean, var, count, momentum)
+        num_batches_tracked += 1
+        return
+    _running_step_counted(
+        running_mean, running_var, num_batches_tracked, mean, var, float(momentum), int(count)
     )

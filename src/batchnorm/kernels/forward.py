@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import elementwise_kernel, parallel_kernel
+from batchnorm.kernels._jit import ELEMENTWISE, elementwise_kernel, parallel_kernel
 from batchnorm.kernels.stats import _stats_block
 
 
@@ -133,11 +134,7 @@ def normalize_rows(x, mean, scale, shift, run, nblk, y):  # pragma: no cover - c
         a[j] = scale[c]
         t[j] = shift[c] - (mean[c] - hi[j]) * a[j]
     for b in prange(nblk):
-        for r in range(b * r_ // nblk, (b + 1) * r_ // nblk):
-            xr = x[r]
-            yr = y[r]
-            for j in range(w_):
-                yr[j] = (xr[j] - hi[j]) * a[j] + t[j]
+        _affine_rows(x, hi, a, t, b * r_ // nblk, (b + 1) * r_ // nblk, y)
 
 
 @elementwise_kernel
@@ -189,8 +186,27 @@ def forward_train_rows(
         scale[j] = invstd[c] * gamma[c]
         shift[j] = beta[c] - (mean[c] - hi[j]) * scale[j]
     for b in prange(nblk):
-        for r in range(b * r_ // nblk, (b + 1) * r_ // nblk):
-            xr = x[r]
-            yr = y[r]
-            for j in range(w_):
-                yr[j] = (xr[j] - hi[j]) * scale[j] + shift[j]
+        _affine_rows(x, hi, scale, shift, b * r_ // nblk, (b + 1) * r_ // nblk, y)
+
+
+@numba.njit(fastmath=ELEMENTWISE, cache=True, error_model="numpy", nogil=True)
+def _affine_rows(x, hi, a, t, r0, r1, y):  # pragma: no cover - compiled
+    """``y[r] = (x[r] - hi) * a + t`` for rows [r0, r1), the vectors in x's dtype.
+
+    Two rows per pass, so each column's three constants are loaded once per two values: one
+    thread, float32, (256, 1024) 40 -> 32 us (in L2; larger inputs are bound by memory either
+    way); four rows per pass was slower (60 us).
+    """
+    w_ = x.shape[1]
+    r = r0
+    while r + 2 <= r1:
+        x0, x1, y0, y1 = x[r], x[r + 1], y[r], y[r + 1]
+        for j in range(w_):
+            h, s, c = hi[j], a[j], t[j]
+            y0[j] = (x0[j] - h) * s + c
+            y1[j] = (x1[j] - h) * s + c
+        r += 2
+    if r < r1:
+        xr, yr = x[r], y[r]
+        for j in range(w_):
+            yr[j] = (xr[j] - hi[j]) * a[j] + t[j]
