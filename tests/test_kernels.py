@@ -330,7 +330,7 @@ def test_kernels_are_cached_on_disk_and_listed():
     modules = [sys.modules["batchnorm.kernels.backward"], forward, stats]
     jitted = list({id(f): f for m in modules for f in vars(m).values() if hasattr(f, "py_func")}.values())
     jitted += [f.serial for f in jitted if hasattr(f, "serial")]
-    assert len(jitted) == 27  # 12 kernels with serial twins + _reduce_block, _stats_block, _affine_rows
+    assert len(jitted) == 30  # 13 kernels with serial twins + _reduce_block, _stats_block, _affine_rows, _affine_columns
     assert all(type(f._cache).__name__ == "FunctionCache" for f in jitted)
     rows = kernels.backend_table()
     assert {"float32", "float64", "float16"} <= {r["input"] for r in rows}
@@ -402,6 +402,38 @@ def test_small_rows_shortcut_is_the_general_path_bit_for_bit(rng, shape, dtype):
         kernels.normalize(x, mean, invstd, gamma, beta),
         kernels.normalize(x, mean, invstd, gamma, beta, out=np.empty_like(x)),
     )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 16), (3, 1), (300, 7), (9, 4, 5, 5), (4096, 16)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_normalize_running_matches_reference_and_normalize(rng, shape, dtype, affine):
+    # Small C-contiguous (N, C) arrays take the one-call kernel (normalize_running_rows), the
+    # rest normalize() after invstd in NumPy: both give normalize's bits with invstd in float64.
+    x = make(rng, shape, dtype, "contiguous", loc=1e4 if dtype == np.float64 else 50.0, scale=2.0)
+    c = shape[1]
+    running_mean = (x.mean(axis=tuple(i for i in range(x.ndim) if i != 1)) + 0.3).astype(dtype)
+    running_var = rng.uniform(0.5, 4.0, c).astype(dtype)
+    gamma, beta = rng.normal(size=(2, c)).astype(dtype) if affine else (None, None)
+    y = kernels.normalize_running(x, running_mean, running_var, 1e-5, gamma, beta)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    want = reference.forward_inference(
+        x.astype(np.float64), gamma, beta, running_mean.astype(np.float64), running_var.astype(np.float64)
+    )
+    np.testing.assert_allclose(y, want, rtol=RTOL[dtype], atol=RTOL[dtype])
+    invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + 1e-5)
+    np.testing.assert_array_equal(y, kernels.normalize(x, running_mean, invstd, gamma, beta))
+    # vectors of another dtype (here float64 for float32 x) take the general path, same values
+    wide = kernels.normalize_running(x, running_mean.astype(np.float64), running_var.astype(np.float64), 1e-5)
+    np.testing.assert_allclose(wide, kernels.normalize_running(x, running_mean, running_var, 1e-5), rtol=1e-6)
+
+
+def test_normalize_running_rejects_a_wrong_length_vector(rng):
+    x = make(rng, (8, 4), np.float32, "contiguous")
+    with pytest.raises(ValueError, match="running_var: expected shape \\(4,\\)"):
+        kernels.normalize_running(x, np.zeros(4, np.float32), np.ones(3, np.float32), 1e-5)
+    with pytest.raises(ValueError, match="mean: expected shape \\(4,\\)"):
+        kernels.normalize_running(x, np.zeros(5, np.float32), np.ones(4, np.float32), 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])

@@ -18,6 +18,7 @@ from batchnorm.kernels._dispatch import (
     channel_stats,
     forward_train,
     normalize,
+    normalize_running,
     num_threads,
     set_num_threads,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "empty_cache",
     "forward_train",
     "normalize",
+    "normalize_running",
     "num_threads",
     "set_cache_limit",
     "set_num_threads",

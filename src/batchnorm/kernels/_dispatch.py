@@ -16,6 +16,7 @@ Functions::
 
     forward_train(x, gamma, beta, eps)        -> (y, mean, var, invstd)   var is biased
     normalize(x, mean, invstd, gamma, beta)   -> y = (x - mean) * invstd * gamma + beta
+    normalize_running(x, running_mean, running_var, eps, gamma, beta)  -> normalize with 1/sqrt(var + eps)
     channel_stats(x)                          -> (mean, var)              biased, over N*S values
     backward_reduce(dy, x, mean, invstd)      -> (sum_dy, sum_dy_xhat)
     backward_dx(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xhat, count) -> dx
@@ -57,7 +58,13 @@ from batchnorm.kernels.backward import (
     backward_reduce_rows,
     backward_rows,
 )
-from batchnorm.kernels.forward import forward_train_cf, forward_train_rows, normalize_cf, normalize_rows
+from batchnorm.kernels.forward import (
+    forward_train_cf,
+    forward_train_rows,
+    normalize_cf,
+    normalize_rows,
+    normalize_running_rows,
+)
 from batchnorm.kernels.stats import stats_cf, stats_rows
 
 # A channel's slab (x, or x and dy in backward) up to this size is processed by one thread in
@@ -366,6 +373,39 @@ def normalize(
     if xc.size:
         _normalize64(_view(xc, kind), kind, mean64, scale, shift, y.view, _use_threads(xc.size))
     return y.result(x.dtype)
+
+
+def normalize_running(
+    x: np.ndarray,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    eps: float,
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
+) -> np.ndarray:
+    """Prediction: ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta``.
+
+    ``invstd`` is formed in float64. Shape: x, y: ``(N, C, *spatial)``; the vectors ``(C,)``.
+    """
+    if (
+        _small_rows(x)
+        and _plain(running_mean, x)
+        and _plain(running_var, x)
+        and _plain(gamma, x)
+        and _plain(beta, x)
+    ):
+        y = np.empty_like(x)
+        # one row block: below _PARALLEL_MIN elements x is under _ROW_BLOCK_BYTES
+        normalize_running_rows.serial(x, running_mean, running_var, float(eps), gamma, beta, 1, y)
+        return y
+    with np.errstate(all="ignore"):  # a negative running_var gives NaN silently, as in torch
+        invstd = 1.0 / np.sqrt(_vector(running_var, x.shape[1], "running_var", 1.0) + eps)
+    return normalize(x, running_mean, invstd, gamma, beta)
+
+
+def _plain(v: object, x: np.ndarray) -> bool:
+    """None, or a ``(C,)`` array of x's dtype (what the small-input kernels read as it is)."""
+    return v is None or (type(v) is np.ndarray and v.dtype == x.dtype and v.shape == x.shape[1:])
 
 
 def forward_train(

@@ -123,7 +123,49 @@ def normalize_rows(x, mean, scale, shift, run, nblk, y):  # pragma: no cover - c
     (256, 1024) 42 -> 33 us, (4096, 256) 134 -> 120 us (a copy: 23 and 88 us). The vectors
     are cast and tiled here, not in NumPy: kernels.normalize (256, 1024) ~5 us less.
     """
-    r_, w_ = x.shape
+    r_ = x.shape[0]
+    hi, a, t = _affine_columns(x, mean, scale, shift, run)
+    for b in prange(nblk):
+        _affine_rows(x, hi, a, t, b * r_ // nblk, (b + 1) * r_ // nblk, y)
+
+
+@elementwise_kernel
+def normalize_running_rows(
+    x, running_mean, running_var, eps, gamma, beta, nblk, y
+):  # pragma: no cover - compiled
+    """Prediction on (R, C) rows from the running statistics, as ``normalize_rows`` with::
+
+        mean = running_mean,  scale = gamma / sqrt(running_var + eps),  shift = beta
+
+    formed here in float64 (gamma, beta: (C,) or None). One compiled call instead of the
+    NumPy ufuncs for invstd and the float64 vectors: (64, 16) float32 eval, interleaved,
+    kernels.normalize_running 7.0 -> 2.0 us (the vectors' set-up in Python cost more than
+    the kernel).
+    """
+    c_ = running_mean.shape[0]
+    mean = np.empty(c_)
+    scale = np.empty(c_)
+    shift = np.zeros(c_)
+    for c in range(c_):
+        mean[c] = running_mean[c]
+        scale[c] = 1.0 / math.sqrt(running_var[c] + eps)
+    if gamma is not None:
+        for c in range(c_):
+            scale[c] *= gamma[c]
+    if beta is not None:
+        for c in range(c_):
+            shift[c] = beta[c]
+    r_ = x.shape[0]
+    hi, a, t = _affine_columns(x, mean, scale, shift, 1)
+    for b in prange(nblk):
+        _affine_rows(x, hi, a, t, b * r_ // nblk, (b + 1) * r_ // nblk, y)
+
+
+@numba.njit(fastmath=ELEMENTWISE, cache=True, error_model="numpy", nogil=True)
+def _affine_columns(x, mean, scale, shift, run):  # pragma: no cover - compiled
+    """Per column j of (R, W) rows (channel ``(j // run) % C``), in x's dtype: ``hi`` (the
+    mean's high half), ``a = scale`` and ``t = shift - (mean - hi) * a`` (the low half folded in)."""
+    w_ = x.shape[1]
     c_ = mean.shape[0]
     hi = x[0].copy()
     a = x[0].copy()
@@ -133,8 +175,7 @@ def normalize_rows(x, mean, scale, shift, run, nblk, y):  # pragma: no cover - c
         hi[j] = mean[c]
         a[j] = scale[c]
         t[j] = shift[c] - (mean[c] - hi[j]) * a[j]
-    for b in prange(nblk):
-        _affine_rows(x, hi, a, t, b * r_ // nblk, (b + 1) * r_ // nblk, y)
+    return hi, a, t
 
 
 @elementwise_kernel
