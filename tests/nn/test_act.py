@@ -203,3 +203,41 @@ def test_bias_false_matches_torch(layout):
     torch.testing.assert_close(dx, dx_ref, **tol(torch.float64))
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **tol(torch.float64))
     torch.testing.assert_close(ours.running_var, theirs.running_var, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("save_memory", [False, True])
+def test_modifying_what_backward_reads_in_place_raises(save_memory):
+    # The numba backward reads NumPy views made in the forward; the saved tensors' version
+    # counters still guard them (torch.nn raises the same way).
+    module = BatchNormAct2d(4, act="leaky_relu", save_memory=save_memory)
+    x = torch.randn(8, 4, 5, 5, requires_grad=True)
+    source = x * 1.0
+    y = module(source)
+    with torch.no_grad():
+        (y if save_memory else source).mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(torch.ones_like(y))
+
+
+@pytest.mark.parametrize("save_memory", [False, True])
+def test_float16_input_matches_float32_computation(save_memory):
+    # float16 x (float32 parameters) takes the general path: the kernels compute in float32.
+    torch.manual_seed(1)
+    ours = BatchNormAct2d(5, act="leaky_relu", negative_slope=SLOPE, save_memory=save_memory)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-0.5, 0.5)
+    x16 = (torch.randn(6, 5, 7, 4) * 2 + 3).half().requires_grad_(True)
+    dy16 = torch.randn(6, 5, 7, 4).half()
+    y16 = ours(x16)
+    y16.backward(dy16)
+    x32 = x16.detach().float().requires_grad_(True)
+    w = ours.weight.detach().clone().requires_grad_(True)
+    b = ours.bias.detach().clone().requires_grad_(True)
+    y32 = F.leaky_relu(F.batch_norm(x32, None, None, w, b, training=True), SLOPE)
+    y32.backward(dy16.float())
+    assert y16.dtype == x16.grad.dtype == torch.float16
+    torch.testing.assert_close(y16.float(), y32, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(x16.grad.float(), x32.grad, rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(ours.weight.grad, w.grad, rtol=2e-3, atol=2e-2)
+    torch.testing.assert_close(ours.bias.grad, b.grad, rtol=2e-3, atol=2e-2)

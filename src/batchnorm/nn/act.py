@@ -171,50 +171,78 @@ def backward_dx_act(
 
 
 def _forward_train(x: Tensor, weight, bias, eps: float, act: str, slope: float):  # type: ignore[no-untyped-def]
-    """``(y, mean, var, invstd, on_numba)``: statistics as NumPy arrays on the numba path
-    (they go straight back to the kernels: no tensor round trip), tensors on Triton."""
+    """``(y, mean, var, invstd, arrays)``: on the numba path the statistics are NumPy arrays
+    (they go straight back to the kernels: no tensor round trip) and ``arrays`` holds the
+    views of x, weight and bias for the backward when x is float32/float64 (else ``()``);
+    on Triton the statistics are tensors and ``arrays`` is None."""
     gpu = _torch_ops._backend(x)
     if gpu is not None:
-        return (*gpu.forward_train_act(x, weight, bias, eps, act, slope), False)
+        return (*gpu.forward_train_act(x, weight, bias, eps, act, slope), None)
+    if x.dtype in _NUMPY_DTYPES:
+        d = x.dtype
+        arrays = (_torch_ops._np(x), _numpy(weight, d), _numpy(bias, d))
+        y, mean, var, invstd = _kernels.forward_train(*arrays, eps, act, slope)
+        return torch.from_numpy(y), mean, var, invstd, arrays
     cd = _compute_dtype(x)
     y, mean, var, invstd = _kernels.forward_train(
         _numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd), eps, act, slope
     )
-    return _tensor(y, x.dtype), mean, var, invstd, True
+    return _tensor(y, x.dtype), mean, var, invstd, ()
+
+
+def _backward(ctx, dy):  # type: ignore[no-untyped-def]
+    saved, weight, bias = ctx.saved_tensors  # (raises if one was modified in place since)
+    (mean, invstd), (act, slope, from_output), arrays = ctx.stats, ctx.config, ctx.arrays
+    if arrays is None:
+        dx, dweight, dbias = backward_act(dy, saved, mean, invstd, weight, bias, act, slope, from_output)
+    else:
+        cd = _compute_dtype(saved)
+        if not arrays:  # float16/bfloat16: views in the compute dtype now (not kept since the forward)
+            arrays = (_numpy(saved, cd), _numpy(weight, cd), _numpy(bias, cd))
+        dx, dweight, dbias = _kernels.backward(
+            _numpy(dy, cd), *arrays[:1], mean, invstd, *arrays[1:], act, slope, from_output
+        )
+        dx, dweight, dbias = _tensor(dx, saved.dtype), torch.from_numpy(dweight), torch.from_numpy(dbias)
+    need = ctx.needs_input_grad
+    dx = dx if need[0] else None
+    dweight = _cast(dweight, weight.dtype) if weight is not None and need[1] else None
+    dbias = _cast(dbias, bias.dtype) if bias is not None and need[2] else None
+    return dx, dweight, dbias, None, None, None, None, None
+
+
+_backward_once = once_differentiable(_backward)
 
 
 class _BatchNormActFunction(torch.autograd.Function):
     """Training-mode BN + activation on the kernels; returns y and appends ``(mean, var)`` to
-    ``stats`` (one autograd output instead of three: each output is an edge to set up)."""
+    ``stats`` (one autograd output instead of three: each output is an edge to set up).
+
+    On the numba path the backward reads the NumPy views the forward made (x or y, weight,
+    bias) instead of converting the saved tensors again, and skips once_differentiable's
+    no_grad block when grad mode is off. (64, 16) BatchNormAct1d module forward+backward,
+    interleaved against the previous code (whose counter increment also cost more, see
+    ``update_running_counted_``): 140 -> 119 us (torch BatchNorm1d + ReLU: 98 us).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, act, slope, save_memory, stats):  # type: ignore[override]
-        y, mean, var, invstd, on_numba = _forward_train(x, weight, bias, eps, act, slope)
+        y, mean, var, invstd, arrays = _forward_train(x, weight, bias, eps, act, slope)
         stats += (mean, var)
         ctx.save_for_backward(y if save_memory else x, weight, bias)
-        ctx.stats, ctx.on_numba = (mean, invstd), on_numba
+        if arrays and save_memory:
+            arrays = (y.numpy(), *arrays[1:])
+        ctx.arrays = arrays
+        ctx.stats = (mean, invstd)
         ctx.config = (act, slope, save_memory)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        saved, weight, bias = ctx.saved_tensors
-        (mean, invstd), (act, slope, from_output) = ctx.stats, ctx.config
-        if ctx.on_numba:
-            cd = _compute_dtype(saved)
-            dx, dweight, dbias = _kernels.backward(
-                _numpy(dy, cd), _numpy(saved, cd), mean, invstd,
-                _numpy(weight, cd), _numpy(bias, cd), act, slope, from_output,
-            )  # fmt: skip
-            dx, dweight, dbias = _tensor(dx, saved.dtype), torch.from_numpy(dweight), torch.from_numpy(dbias)
-        else:
-            dx, dweight, dbias = backward_act(dy, saved, mean, invstd, weight, bias, act, slope, from_output)
-        need = ctx.needs_input_grad
-        dx = dx if need[0] else None
-        dweight = _cast(dweight, weight.dtype) if weight is not None and need[1] else None
-        dbias = _cast(dbias, bias.dtype) if bias is not None and need[2] else None
-        return dx, dweight, dbias, None, None, None, None, None
+        # once_differentiable (a no_grad block; double backward raises) only matters under
+        # create_graph=True, the one case where grad mode is on here
+        if torch.is_grad_enabled():
+            return _backward_once(ctx, dy)
+        return _backward(ctx, dy)
 
 
 # ``Function.apply`` is a Python wrapper (argument binding, functorch unwrapping) around the C++
