@@ -477,3 +477,27 @@ def test_fused_channel_blocks_need_long_runs_or_small_blocks():
     assert _dispatch._channel_blocks(64, 128, 16, 4, 1, 2) == 2  # 256 KB blocks of 4 KB runs
     assert _dispatch._channel_blocks(16, 64, 112 * 112, 4, 1, 2) == 64  # 800 KB blocks of 50 KB runs
     assert _dispatch._channel_blocks(16, 2048, 49, 4, 2, 2) > 0
+
+
+def test_stale_numba_caches_are_dropped_when_a_kernel_source_changes(tmp_path):
+    from batchnorm.kernels import _jit
+
+    (tmp_path / "stats.py").write_text("A = 1\n")
+    (tmp_path / "forward.py").write_text("B = 1\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    compiled = [
+        cache / "forward.forward_train_rows-1.py311.nbi",
+        cache / "forward.forward_train_rows-1.py311.1.nbc",
+    ]
+    for path in compiled:
+        path.write_bytes(b"old machine code")
+    (cache / "forward.cpython-311.pyc").write_bytes(b"bytecode")
+    assert _jit.drop_stale_caches(tmp_path)  # no stamp yet: nothing known to be current
+    assert not any(p.exists() for p in compiled) and (cache / "forward.cpython-311.pyc").exists()
+    compiled[0].write_bytes(b"new machine code")
+    assert not _jit.drop_stale_caches(tmp_path)  # sources unchanged: the cache stays
+    assert compiled[0].exists()
+    (tmp_path / "stats.py").write_text("A = 2\n")  # a helper edited in another file
+    assert _jit.drop_stale_caches(tmp_path)
+    assert not compiled[0].exists()

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import pathlib
 import types
 
 import numba
@@ -25,6 +27,35 @@ ELEMENTWISE = {"contract", "nsz"}
 # numba's cache is keyed on the kernel file's source stamp, not on these options: after changing
 # them here, touch stats.py/forward.py/backward.py (or clear their __pycache__).
 _OPTIONS = {"cache": True, "error_model": "numpy", "nogil": True}
+
+
+def drop_stale_caches(directory: pathlib.Path) -> bool:
+    """Delete the numba caches in ``directory/__pycache__`` when any ``*.py`` there changed.
+
+    numba keys a function's on-disk cache on its own file's stamp only, so after an edit of a
+    helper in one file (``stats._stats_block``) a caller in another file
+    (``forward.forward_train_rows``, which inlines it) would load its old machine code. One
+    digest of every kernel source, kept beside the caches, catches that. True when caches
+    were dropped. A read-only install keeps its caches elsewhere, keyed on files that only
+    change by reinstalling: nothing to do there.
+    """
+    cache = directory / "__pycache__"
+    stamp = cache / "kernel-sources.sha1"
+    try:
+        digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(directory.glob("*.py")))).hexdigest()
+        if stamp.is_file() and stamp.read_text() == digest:
+            return False
+        stale = sorted(cache.glob("*.nb[ic]"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        cache.mkdir(exist_ok=True)
+        stamp.write_text(digest)
+    except OSError:
+        return False
+    return bool(stale)
+
+
+drop_stale_caches(pathlib.Path(__file__).parent)
 
 
 def serial_kernel(fn):  # type: ignore[no-untyped-def]
