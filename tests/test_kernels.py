@@ -204,6 +204,28 @@ def test_large_offset_tiny_spread_float32(rng, shape, layout, path):
     np.testing.assert_allclose(dgamma, dgamma_ref, rtol=0, atol=1e-5 * np.max(np.abs(dgamma_ref)))
 
 
+@pytest.mark.parametrize("drift", ["along_n", "first_run_outlier", "none"])
+def test_fused_channels_first_one_pass_stats_stay_exact(rng, drift):
+    # forward_train_cf sums x - k in float64 about a shift k (each channel's mean over
+    # x[0, c]); k far from the mean (data drifting along N, an outlying first run) costs at
+    # most log2(N + 1) bits. float32 at mean 1e4, spread 1e-2: E[x^2] - E[x]^2 would lose every
+    # digit.
+    shape = (16, 8, 7, 7)
+    x = rng.normal(1e4, 1e-2, shape).astype(np.float32)
+    if drift == "along_n":
+        x += np.arange(16, dtype=np.float32)[:, None, None, None] * 0.05
+    elif drift == "first_run_outlier":
+        x[0, :3] += 1e3  # 1e5 spreads away
+    xv = x.reshape(16, 8, 49)
+    assert _dispatch._channel_blocks(16, 8, 49, 4, 1, 2) and _dispatch._channel_blocks(16, 8, 49, 4, 1, 1)
+    y, mean, var, _ = kernels.forward_train(x, None, None, 1e-5)
+    x64 = xv.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2)), rtol=1e-7)
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2)), rtol=1e-5)
+    y_ref = reference.forward(x.astype(np.float64), None, None)[0]
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * np.max(np.abs(y_ref)))
+
+
 @pytest.mark.parametrize("order", ["sorted", "outlier_first_rows", "shuffled"])
 def test_rows_stats_shift_fallbacks_stay_exact(rng, order):
     # stats_rows sums x - k in float32 about a shift k (its first rows' mean); channels where
