@@ -352,9 +352,9 @@ def test_kernels_are_cached_on_disk_and_listed():
     modules = [sys.modules["batchnorm.kernels.backward"], forward, stats]
     jitted = list({id(f): f for m in modules for f in vars(m).values() if hasattr(f, "py_func")}.values())
     jitted += [f.serial for f in jitted if hasattr(f, "serial")]
-    assert (
-        len(jitted) == 30
-    )  # 13 kernels with serial twins + _reduce_block, _stats_block, _affine_rows, _affine_columns
+    jitted = list({id(f): f for f in jitted}.values())  # a twin may also have a module-level name
+    # 12 kernels with serial twins + _reduce_block, _stats_block, normalize_running_rows
+    assert len(jitted) == 27
     assert all(type(f._cache).__name__ == "FunctionCache" for f in jitted)
     rows = kernels.backend_table()
     assert {"float32", "float64", "float16"} <= {r["input"] for r in rows}

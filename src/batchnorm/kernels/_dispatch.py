@@ -396,7 +396,7 @@ def normalize_running(
     ):
         y = np.empty_like(x)
         # one row block: below _PARALLEL_MIN elements x is under _ROW_BLOCK_BYTES
-        normalize_running_rows.serial(x, running_mean, running_var, float(eps), gamma, beta, 1, y)
+        normalize_running_rows(x, running_mean, running_var, float(eps), gamma, beta, y)
         return y
     with np.errstate(all="ignore"):  # a negative running_var gives NaN silently, as in torch
         invstd = 1.0 / np.sqrt(_vector(running_var, x.shape[1], "running_var", 1.0) + eps)

@@ -18,7 +18,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import ELEMENTWISE, elementwise_kernel, parallel_kernel
+from batchnorm.kernels._jit import elementwise_kernel, parallel_kernel
 from batchnorm.kernels.stats import _stats_block
 
 
@@ -134,24 +134,39 @@ def normalize_rows(x, mean, scale, shift, run, nblk, y):  # pragma: no cover - c
     (256, 1024) 42 -> 33 us, (4096, 256) 134 -> 120 us (a copy: 23 and 88 us). The vectors
     are cast and tiled here, not in NumPy: kernels.normalize (256, 1024) ~5 us less.
     """
-    r_ = x.shape[0]
-    hi, a, t = _affine_columns(x, mean, scale, shift, run)
+    r_, w_ = x.shape
+    c_ = mean.shape[0]
+    hi = x[0].copy()
+    a = x[0].copy()
+    t = x[0].copy()
+    for j in range(w_):
+        c = (j // run) % c_
+        hi[j] = mean[c]
+        a[j] = scale[c]
+        t[j] = shift[c] - (mean[c] - hi[j]) * a[j]
     for b in prange(nblk):
-        _affine_rows(x, hi, a, t, b * r_ // nblk, (b + 1) * r_ // nblk, y)
+        for r in range(b * r_ // nblk, (b + 1) * r_ // nblk):
+            xr = x[r]
+            yr = y[r]
+            for j in range(w_):
+                yr[j] = (xr[j] - hi[j]) * a[j] + t[j]
 
 
-@elementwise_kernel
-def normalize_running_rows(
-    x, running_mean, running_var, eps, gamma, beta, nblk, y
-):  # pragma: no cover - compiled
-    """Prediction on (R, C) rows from the running statistics, as ``normalize_rows`` with::
+# compiled code calls a dispatcher through a global name, not an attribute
+_normalize_rows_serial = normalize_rows.serial
+
+
+@numba.njit(cache=True, error_model="numpy", nogil=True)
+def normalize_running_rows(x, running_mean, running_var, eps, gamma, beta, y):  # pragma: no cover - compiled
+    """Prediction on small (R, C) rows from the running statistics: ``normalize_rows`` (one
+    thread, one block) with its float64 vectors formed here::
 
         mean = running_mean,  scale = gamma / sqrt(running_var + eps),  shift = beta
 
-    formed here in float64 (gamma, beta: (C,) or None). One compiled call instead of the
-    NumPy ufuncs for invstd and the float64 vectors: (64, 16) float32 eval, interleaved,
-    kernels.normalize_running 7.0 -> 2.0 us (the vectors' set-up in Python cost more than
-    the kernel).
+    (gamma, beta: (C,) or None). One compiled call instead of NumPy ufuncs for invstd and the
+    float64 vectors in Python: (64, 16) float32 eval, interleaved, kernels.normalize_running
+    7.0 -> 3.1 us (the vectors' set-up cost more than the kernel). It calls the same compiled
+    normalize_rows as the general path, so the bits are normalize's.
     """
     c_ = running_mean.shape[0]
     mean = np.empty(c_)
@@ -166,27 +181,7 @@ def normalize_running_rows(
     if beta is not None:
         for c in range(c_):
             shift[c] = beta[c]
-    r_ = x.shape[0]
-    hi, a, t = _affine_columns(x, mean, scale, shift, 1)
-    for b in prange(nblk):
-        _affine_rows(x, hi, a, t, b * r_ // nblk, (b + 1) * r_ // nblk, y)
-
-
-@numba.njit(fastmath=ELEMENTWISE, cache=True, error_model="numpy", nogil=True)
-def _affine_columns(x, mean, scale, shift, run):  # pragma: no cover - compiled
-    """Per column j of (R, W) rows (channel ``(j // run) % C``), in x's dtype: ``hi`` (the
-    mean's high half), ``a = scale`` and ``t = shift - (mean - hi) * a`` (the low half folded in)."""
-    w_ = x.shape[1]
-    c_ = mean.shape[0]
-    hi = x[0].copy()
-    a = x[0].copy()
-    t = x[0].copy()
-    for j in range(w_):
-        c = (j // run) % c_
-        hi[j] = mean[c]
-        a[j] = scale[c]
-        t[j] = shift[c] - (mean[c] - hi[j]) * a[j]
-    return hi, a, t
+    _normalize_rows_serial(x, mean, scale, shift, 1, 1, y)
 
 
 @elementwise_kernel
@@ -238,18 +233,8 @@ def forward_train_rows(
         scale[j] = invstd[c] * gamma[c]
         shift[j] = beta[c] - (mean[c] - hi[j]) * scale[j]
     for b in prange(nblk):
-        _affine_rows(x, hi, scale, shift, b * r_ // nblk, (b + 1) * r_ // nblk, y)
-
-
-@numba.njit(fastmath=ELEMENTWISE, cache=True, error_model="numpy", nogil=True)
-def _affine_rows(x, hi, a, t, r0, r1, y):  # pragma: no cover - compiled
-    """``y[r] = (x[r] - hi) * a + t`` for rows [r0, r1), the vectors in x's dtype.
-
-    One row at a time: two rows per pass (each column's constants loaded once per two values)
-    was faster in cache ((256, 1024) float32, one thread: 40 -> 32 us) and up to 2x slower
-    on data coming from memory ((12544, 256) after evicting the caches: 1468 -> 2917 us).
-    """
-    for r in range(r0, r1):
-        xr, yr = x[r], y[r]
-        for j in range(x.shape[1]):
-            yr[j] = (xr[j] - hi[j]) * a[j] + t[j]
+        for r in range(b * r_ // nblk, (b + 1) * r_ // nblk):
+            xr = x[r]
+            yr = y[r]
+            for j in range(w_):
+                yr[j] = (xr[j] - hi[j]) * scale[j] + shift[j]
