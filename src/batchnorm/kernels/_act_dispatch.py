@@ -469,22 +469,3 @@ def backward(
     if dtype == np.float64:
         return dx, dgamma, dbeta
     return dx, dgamma.astype(dtype), dbeta.astype(dtype)
-
-
-def update_running_(
-    running_mean: np.ndarray,
-    running_var: np.ndarray,
-    mean: np.ndarray,
-    var: np.ndarray,
-    count: int,
-    momentum: float,
-) -> None:
-    """In place: ``running <- (1 - momentum) running + momentum batch``, the variance with
-    Bessel's correction ``var * count / (count - 1)`` (torch's convention; ``var`` is biased).
-
-    Shape:
-        all ``(C,)``; the running arrays must be writable float32 or float64.
-    """
-    _kernels().update_running(
-        running_mean, running_var, mean, var, float(momentum), float(momentum) * count / (count - 1)
-    )

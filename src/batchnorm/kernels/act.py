@@ -529,16 +529,6 @@ def backward_rc(
         _dx_rows(dy, v, r0, r1, mean, invstd, gamma, beta, act, slope, from_output, m_dz, m_dzx, dx)
 
 
-@serial_kernel
-def update_running(running_mean, running_var, mean, var, momentum, var_weight):
-    """running <- (1 - momentum) running + momentum batch, in place; ``var_weight`` is
-    momentum * n / (n - 1) (Bessel's correction). One call instead of four NumPy ops (~1 vs
-    ~6 us on 16 channels)."""
-    for c in range(running_mean.shape[0]):
-        running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
-        running_var[c] = (1.0 - momentum) * running_var[c] + var_weight * var[c]
-
-
 @parallel_kernel
 def backward_cf(dy, v, nb, mean, invstd, gamma, beta, act, slope, from_output, dx, sum_dz, sum_dz_xhat):
     """The whole backward over ``nb`` blocks of consecutive channels, as the plain BN's

@@ -46,6 +46,7 @@ from batchnorm._torch_ops import _compute_dtype
 from batchnorm._torch_ops import _from_numpy as _tensor
 from batchnorm._torch_ops import _np_as as _numpy
 from batchnorm.kernels import _act_dispatch as _kernels
+from batchnorm.kernels._dispatch import update_running_ as update_running_arrays
 from batchnorm.nn.batchnorm import BatchNormBase, _fast_class
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "batch_norm_act"]
@@ -290,7 +291,7 @@ def _update_running(
         and running_var.dtype in _NUMPY_DTYPES
     ):
         # one kernel call on the buffers' memory: the four torch ops cost ~10 us here
-        _kernels.update_running_(running_mean.numpy(), running_var.numpy(), mean, var, count, momentum)
+        update_running_arrays(running_mean.numpy(), running_var.numpy(), mean, var, count, momentum)
         return
     mean, var = torch.as_tensor(mean), torch.as_tensor(var)
     with torch.no_grad():
