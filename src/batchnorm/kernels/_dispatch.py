@@ -395,7 +395,6 @@ def normalize_running(
         and _plain(beta, x)
     ):
         y = np.empty_like(x)
-        # one row block: below _PARALLEL_MIN elements x is under _ROW_BLOCK_BYTES
         normalize_running_rows(x, running_mean, running_var, float(eps), gamma, beta, y)
         return y
     with np.errstate(all="ignore"):  # a negative running_var gives NaN silently, as in torch

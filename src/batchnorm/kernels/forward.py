@@ -181,6 +181,7 @@ def normalize_running_rows(x, running_mean, running_var, eps, gamma, beta, y):  
     if beta is not None:
         for c in range(c_):
             shift[c] = beta[c]
+    # one row block: below the dispatcher's _PARALLEL_MIN elements x is under _ROW_BLOCK_BYTES
     _normalize_rows_serial(x, mean, scale, shift, 1, 1, y)
 
 
