@@ -200,8 +200,9 @@ def _backward(ctx, dy):  # type: ignore[no-untyped-def]
         cd = _compute_dtype(saved)
         if not arrays:  # float16/bfloat16: views in the compute dtype now (not kept since the forward)
             arrays = (_numpy(saved, cd), _numpy(weight, cd), _numpy(bias, cd))
+        saved_np, weight_np, bias_np = arrays
         dx, dweight, dbias = _kernels.backward(
-            _numpy(dy, cd), *arrays[:1], mean, invstd, *arrays[1:], act, slope, from_output
+            _numpy(dy, cd), saved_np, mean, invstd, weight_np, bias_np, act, slope, from_output
         )
         dx, dweight, dbias = _tensor(dx, saved.dtype), torch.from_numpy(dweight), torch.from_numpy(dbias)
     need = ctx.needs_input_grad
