@@ -127,6 +127,27 @@ def test_inference_matches_reference(shape, name, act, rng):
     close(y, act_ref(z, act), np.float64)
 
 
+@pytest.mark.parametrize("act", list(dispatch.ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("affine", [True, False])
+def test_small_rows_inference_shortcut_is_the_general_path_bit_for_bit(act, dtype, affine, rng):
+    # A small C-contiguous (N, C) input with (C,) vectors of its dtype takes the one-call
+    # kernel (normalize_act_running_rows); lists for gamma/beta take the general path.
+    x = (rng.normal(size=(64, 16)) * 3 + 2).astype(dtype)
+    running_mean = rng.normal(size=16).astype(dtype)
+    running_var = rng.uniform(0.5, 2.0, 16).astype(dtype)
+    gamma, beta = rng.normal(size=(2, 16)).astype(dtype) if affine else (None, None)
+    fast = dispatch.forward_inference(x, gamma, beta, running_mean, running_var, 1e-5, act, SLOPE)
+    as_lists = (list(gamma), list(beta)) if affine else ([1.0] * 16, [0.0] * 16)
+    general = dispatch.forward_inference(x, *as_lists, running_mean, running_var, 1e-5, act, SLOPE)
+    assert fast.dtype == x.dtype
+    np.testing.assert_array_equal(fast, general)
+    z = reference.forward_inference(x.astype(np.float64), gamma, beta, running_mean, running_var, 1e-5)
+    close(fast, act_ref(z, act), dtype)
+    with pytest.raises(ValueError, match="act: expected one of"):
+        dispatch.forward_inference(x, gamma, beta, running_mean, running_var, 1e-5, "tanh", SLOPE)
+
+
 def test_affine_none_means_gamma_one_beta_zero(rng):
     x = rng.normal(size=(8, 3, 4))
     y, *_ = dispatch.forward_train(x, None, None, 1e-5, "identity")

@@ -329,6 +329,20 @@ def forward_inference(
     x, gamma, beta, running_mean, running_var, eps: float, act: str = "relu", slope: float = 0.01
 ) -> np.ndarray:
     """Prediction forward: ``y = act(gamma (x - running_mean) / sqrt(running_var + eps) + beta)``."""
+    dispatch = _dispatch()
+    if (
+        dispatch._small_rows(x)
+        and dispatch._plain(running_mean, x)
+        and dispatch._plain(running_var, x)
+        and dispatch._plain(gamma, x)
+        and dispatch._plain(beta, x)
+    ):
+        y = np.empty_like(x)
+        code = _act_code(act, slope)
+        _kernels().normalize_act_running_rows(
+            x, running_mean, running_var, float(eps), gamma, beta, code, float(slope), y
+        )
+        return y
     invstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
     return normalize_act(x, running_mean, invstd, gamma, beta, act, slope)
 

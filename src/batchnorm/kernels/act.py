@@ -177,6 +177,35 @@ def _normalize_act_rows(x, r0, r1, mean, scale, beta, act, slope, y):
         _normalize_act_code(x, r0, r1, hi, lo, sc, bt, IDENTITY, sl, one, zero, y)
 
 
+@numba.njit(cache=True, fastmath=ELEMENTWISE, error_model="numpy", nogil=True)
+def normalize_act_running_rows(
+    x, running_mean, running_var, eps, gamma, beta, act, slope, y
+):  # pragma: no cover - compiled
+    """Prediction on small (R, C) rows from the running statistics, one thread, one block::
+
+        mean = running_mean,  scale = gamma / sqrt(running_var + eps),  shift = beta
+
+    formed here in float64 (gamma, beta: (C,) or None), then ``_normalize_act_rows``, the code
+    ``normalize_act_rc`` runs per block: the same bits as the general path, without its
+    Python set-up. (64, 16) BatchNormAct1d eval module call, interleaved: 29.8 -> 21.7 us
+    (torch BatchNorm1d + ReLU: 23.9 us).
+    """
+    c_ = running_mean.shape[0]
+    mean = np.empty(c_)
+    scale = np.empty(c_)
+    shift = np.zeros(c_)
+    for c in range(c_):
+        mean[c] = running_mean[c]
+        scale[c] = 1.0 / math.sqrt(running_var[c] + eps)
+    if gamma is not None:
+        for c in range(c_):
+            scale[c] *= gamma[c]
+    if beta is not None:
+        for c in range(c_):
+            shift[c] = beta[c]
+    _normalize_act_rows(x, 0, x.shape[0], mean, scale, shift, act, slope, y)
+
+
 @parallel_kernel
 def normalize_act_rc(x, mean, scale, beta, act, slope, starts, y):
     """y = act((x - mean) * scale + beta) per block of rows, scale = gamma * invstd."""
