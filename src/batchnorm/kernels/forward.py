@@ -152,6 +152,26 @@ def normalize_rows(x, mean, scale, shift, run, nblk, y):  # pragma: no cover - c
                 yr[j] = (xr[j] - hi[j]) * a[j] + t[j]
 
 
+@numba.njit(inline="always", cache=True, error_model="numpy", nogil=True)
+def running_vectors(running_mean, running_var, eps, gamma, beta):  # pragma: no cover - compiled
+    """Prediction's float64 ``(mean, scale, shift)``: running_mean, gamma / sqrt(running_var +
+    eps) and beta (gamma, beta: (C,) or None), as the NumPy path forms them."""
+    c_ = running_mean.shape[0]
+    mean = np.empty(c_)
+    scale = np.empty(c_)
+    shift = np.zeros(c_)
+    for c in range(c_):
+        mean[c] = running_mean[c]
+        scale[c] = 1.0 / math.sqrt(running_var[c] + eps)
+    if gamma is not None:
+        for c in range(c_):
+            scale[c] *= gamma[c]
+    if beta is not None:
+        for c in range(c_):
+            shift[c] = beta[c]
+    return mean, scale, shift
+
+
 # compiled code calls a dispatcher through a global name, not an attribute
 _normalize_rows_serial = normalize_rows.serial
 
@@ -168,19 +188,7 @@ def normalize_running_rows(x, running_mean, running_var, eps, gamma, beta, y):  
     7.0 -> 3.1 us (the vectors' set-up cost more than the kernel). It calls the same compiled
     normalize_rows as the general path, so the bits are normalize's.
     """
-    c_ = running_mean.shape[0]
-    mean = np.empty(c_)
-    scale = np.empty(c_)
-    shift = np.zeros(c_)
-    for c in range(c_):
-        mean[c] = running_mean[c]
-        scale[c] = 1.0 / math.sqrt(running_var[c] + eps)
-    if gamma is not None:
-        for c in range(c_):
-            scale[c] *= gamma[c]
-    if beta is not None:
-        for c in range(c_):
-            shift[c] = beta[c]
+    mean, scale, shift = running_vectors(running_mean, running_var, eps, gamma, beta)
     # one row block: below the dispatcher's _PARALLEL_MIN elements x is under _ROW_BLOCK_BYTES
     _normalize_rows_serial(x, mean, scale, shift, 1, 1, y)
 
