@@ -65,8 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
-    if threads < 1:
-        raise ValueError(f"--threads: expected a positive integer, got {threads}")
     import numba
     import torch
 
@@ -82,16 +80,27 @@ def _split(text: str, allowed: Any, option: str) -> list[str]:
     return items
 
 
+def _checked_options(args: argparse.Namespace) -> tuple[list, list[str], list[str]]:
+    """The suite's cases, modes and implementations; ValueError naming the bad option."""
+    from batchnorm.bench.suite import parse_shapes
+
+    if args.repeats < 1:
+        raise ValueError(f"--repeats: expected a positive integer, got {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
+    cases = parse_shapes(args.shapes)
+    modes = _split(args.modes, MODES, "--modes")
+    impls = _split(args.impls, IMPLEMENTATIONS, "--impls")
+    return cases, modes, impls
+
+
 def _suite(args: argparse.Namespace, console: Any, payload: dict) -> None:
     from rich.progress import Progress
 
     from batchnorm.bench import report
     from batchnorm.bench.kernels import run_suite
-    from batchnorm.bench.suite import parse_shapes
 
-    cases = parse_shapes(args.shapes)
-    modes = _split(args.modes, MODES, "--modes")
-    impls = _split(args.impls, IMPLEMENTATIONS, "--impls")
+    cases, modes, impls = _checked_options(args)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("measuring", total=len(cases) * len(modes))
         suite = run_suite(cases, impls, modes, args.repeats, progress=lambda: progress.advance(task))
@@ -146,8 +155,12 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     console.width = max(console.width, 160)  # the suite tables have up to 14 columns
-    if args.repeats < 1:
-        raise ValueError(f"--repeats: expected a positive integer, got {args.repeats}")
+    try:
+        # Every option is checked before anything is measured, and a bad one ends the run
+        # with its message rather than a traceback.
+        _checked_options(args)
+    except ValueError as err:
+        raise SystemExit(f"batchnorm bench: {err}") from None
     _set_threads(args.threads)
     info = timing.machine()
     config = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}

@@ -273,7 +273,8 @@ def _stats64(xv: np.ndarray, kind: str, threads: int) -> tuple[np.ndarray, np.nd
         return mean, var
     mean, var = np.empty(c), np.empty(c)
     n, _, s = xv.shape
-    _k(stats_cf, threads)(xv.reshape(n * c, s), c, _seg_cf(n * c, s, xv.itemsize, threads), mean, var)
+    seg = _seg_cf(n * c, s, xv.itemsize, threads)
+    _k(stats_cf, threads)(xv.reshape(n * c, s), c, seg, threads, mean, var)
     return mean, var
 
 
@@ -294,7 +295,9 @@ def _normalize64(xv, kind, mean, scale, shift, yv, threads) -> None:  # type: ig
         scale, shift = scale.astype(dt), shift.astype(dt)
         n, c, s = xv.shape
         seg = _seg_cf(n * c, s, xv.itemsize, threads)
-        _k(normalize_cf, threads)(xv.reshape(n * c, s), c, hi, lo, scale, shift, seg, yv.reshape(n * c, s))
+        _k(normalize_cf, threads)(
+            xv.reshape(n * c, s), c, hi, lo, scale, shift, seg, threads, yv.reshape(n * c, s)
+        )
 
 
 def _two_part(mean: np.ndarray, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -320,7 +323,7 @@ def _reduce64(dyv, xv, kind, mean, invstd, threads) -> tuple[np.ndarray, np.ndar
     n, _, s = xv.shape
     seg = _seg_cf(n * c, s, 2 * xv.itemsize, threads)
     _k(backward_reduce_cf, threads)(
-        dyv.reshape(n * c, s), xv.reshape(n * c, s), c, mean, invstd, seg, sum_dy, sum_dy_xhat
+        dyv.reshape(n * c, s), xv.reshape(n * c, s), c, mean, invstd, seg, threads, sum_dy, sum_dy_xhat
     )
     return sum_dy, sum_dy_xhat
 
@@ -544,7 +547,7 @@ def _dx64(dyv, xv, kind, mean, a, mdy, k, dxv, threads) -> None:  # type: ignore
         seg = _seg_cf(n * c, s, 2 * xv.itemsize, threads)
         r = n * c
         _k(backward_dx_cf, threads)(
-            dyv.reshape(r, s), xv.reshape(r, s), c, mean, a, mdy, k, seg, dxv.reshape(r, s)
+            dyv.reshape(r, s), xv.reshape(r, s), c, mean, a, mdy, k, seg, threads, dxv.reshape(r, s)
         )
 
 

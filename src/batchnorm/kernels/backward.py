@@ -62,29 +62,47 @@ def backward_cf(dy, x, nb, mean, invstd, gamma, dx, sum_dy, sum_dy_xhat):  # pra
 
 
 @parallel_kernel
-def backward_reduce_cf(dy, x, c_, mean, invstd, seg, sum_dy, sum_dy_xhat):  # pragma: no cover - compiled
+def backward_reduce_cf(
+    dy, x, c_, mean, invstd, seg, nblk, sum_dy, sum_dy_xhat
+):  # pragma: no cover - compiled
     """dy, x: (N*C, S), row q of channel q % C; rows split into ``seg`` pieces, units in
-    memory order (as ``stats_cf``), the per-unit sums added per channel afterwards."""
+    memory order (as ``stats_cf``), the per-unit sums added per channel afterwards. Whole
+    rows (``seg == 1``) go in ``nblk`` contiguous ranges, the channel stepped along rather
+    than divided out (see ``normalize_cf``)."""
     r_, s_ = x.shape
     n_ = r_ // c_
     units = r_ * seg
     part = np.empty((2, units))
-    for u in prange(units):
-        q = u // seg
-        p = u % seg
-        c = q % c_
-        i0 = p * s_ // seg
-        i1 = (p + 1) * s_ // seg
-        xr = x[q, i0:i1]
-        gr = dy[q, i0:i1]
-        mu = mean[c]
-        s1 = 0.0
-        s2 = 0.0
-        for i in range(xr.shape[0]):
-            s1 += gr[i]
-            s2 += gr[i] * (xr[i] - mu)
-        part[0, u] = s1
-        part[1, u] = s2
+    if seg == 1:
+        for b in prange(nblk):
+            q0 = b * r_ // nblk
+            c = q0 % c_
+            for q in range(q0, (b + 1) * r_ // nblk):
+                xr = x[q]
+                gr = dy[q]
+                mu = mean[c]
+                s1 = 0.0
+                s2 = 0.0
+                for i in range(s_):
+                    s1 += gr[i]
+                    s2 += gr[i] * (xr[i] - mu)
+                part[0, q] = s1
+                part[1, q] = s2
+                c = c + 1 if c + 1 < c_ else 0
+    else:
+        for u in prange(units):
+            q = u // seg
+            p = u % seg
+            xr = x[q, p * s_ // seg : (p + 1) * s_ // seg]
+            gr = dy[q, p * s_ // seg : (p + 1) * s_ // seg]
+            mu = mean[q % c_]
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(xr.shape[0]):
+                s1 += gr[i]
+                s2 += gr[i] * (xr[i] - mu)
+            part[0, u] = s1
+            part[1, u] = s2
     for c in range(c_):
         sum_dy[c] = 0.0
         sum_dy_xhat[c] = 0.0
@@ -99,12 +117,29 @@ def backward_reduce_cf(dy, x, c_, mean, invstd, seg, sum_dy, sum_dy_xhat):  # pr
 
 
 @parallel_kernel
-def backward_dx_cf(dy, x, c_, mean, a, mdy, k, seg, dx):  # pragma: no cover - compiled
+def backward_dx_cf(dy, x, c_, mean, a, mdy, k, seg, nblk, dx):  # pragma: no cover - compiled
     """dx = a (dy - mdy - (x - mean) k) with a = gamma invstd, k = mean(dy x_hat) invstd.
 
-    dy, x, dx: (N*C, S), units in memory order as ``normalize_cf``.
+    dy, x, dx: (N*C, S), units in memory order and whole rows in ``nblk`` ranges, as
+    ``normalize_cf``.
     """
     r_, s_ = x.shape
+    if seg == 1:
+        for b in prange(nblk):
+            q0 = b * r_ // nblk
+            c = q0 % c_
+            for q in range(q0, (b + 1) * r_ // nblk):
+                xr = x[q]
+                gr = dy[q]
+                dr = dx[q]
+                mu = mean[c]
+                ac = a[c]
+                mc = mdy[c]
+                kc = k[c]
+                for i in range(s_):
+                    dr[i] = ac * (gr[i] - mc - (xr[i] - mu) * kc)
+                c = c + 1 if c + 1 < c_ else 0
+        return
     for u in prange(r_ * seg):
         q = u // seg
         p = u % seg

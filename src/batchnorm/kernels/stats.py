@@ -32,33 +32,33 @@ from batchnorm.kernels._jit import ELEMENTWISE, elementwise_kernel, parallel_ker
 
 
 @parallel_kernel
-def stats_cf(x, c_, seg, mean, var):  # pragma: no cover - compiled
+def stats_cf(x, c_, seg, nblk, mean, var):  # pragma: no cover - compiled
     """x: (N*C, S), row q belongs to channel q % C. Each row split into ``seg`` pieces (units).
 
-    Units are taken in memory order (numba gives each thread one contiguous range of the
-    prange), so every thread streams through x sequentially; the pieces' (mean, M2) pairs are
-    combined per channel afterwards. The former channel-major order (a channel's N runs of S,
-    1.6 MB apart on (16, 512, 28, 28)) defeated the prefetcher and the TLB.
+    Units are taken in memory order, a contiguous range per thread, so every thread streams
+    through x sequentially; the pieces' (mean, M2) pairs are combined per channel afterwards.
+    The former channel-major order (a channel's N runs of S, 1.6 MB apart on
+    (16, 512, 28, 28)) defeated the prefetcher and the TLB. Whole rows (``seg == 1``) go in
+    ``nblk`` ranges without the per-unit integer divisions (see ``forward.normalize_cf``).
     """
     r_, s_ = x.shape
     n_ = r_ // c_
     units = r_ * seg
     pmean = np.empty(units)
     pm2 = np.empty(units)
-    for u in prange(units):
-        q = u // seg
-        p = u % seg
-        xr = x[q, p * s_ // seg : (p + 1) * s_ // seg]
-        total = 0.0
-        for i in range(xr.shape[0]):
-            total += xr[i]
-        mu = total / xr.shape[0]
-        m2 = 0.0
-        for i in range(xr.shape[0]):
-            d = xr[i] - mu
-            m2 += d * d
-        pmean[u] = mu
-        pm2[u] = m2
+    for b in prange(nblk):
+        for u in range(b * units // nblk, (b + 1) * units // nblk):
+            xr = x[u] if seg == 1 else x[u // seg, u % seg * s_ // seg : (u % seg + 1) * s_ // seg]
+            total = 0.0
+            for i in range(xr.shape[0]):
+                total += xr[i]
+            mu = total / xr.shape[0]
+            m2 = 0.0
+            for i in range(xr.shape[0]):
+                d = xr[i] - mu
+                m2 += d * d
+            pmean[u] = mu
+            pm2[u] = m2
     m = n_ * s_
     for c in range(c_):
         mean[c] = 0.0
