@@ -53,6 +53,9 @@ CASES = [
     ((37, 9), "contiguous"),
     ((3, 4, 1, 1), "contiguous"),
     ((3, 4, 5, 2), "strided"),
+    # 5 channels do not split evenly over 2 threads (the unfused (N, C, S) kernels), and the
+    # second thread's 15 // 2 = 7 rows start at n = 1, channel 2
+    ((3, 5, 4, 2), "contiguous"),
 ]
 TOL = {np.float64: 1e-10, np.float32: 2e-5}
 
@@ -167,6 +170,19 @@ def test_float32_large_offset_keeps_its_digits(shape, name, rng):
     y_ref, cache = reference.forward(x.astype(np.float64), None, None)
     np.testing.assert_allclose(var, cache.var, rtol=1e-5)
     np.testing.assert_allclose(y, y_ref, atol=1e-3)  # float32 x itself carries 1e4 * 6e-8 of noise
+
+
+@pytest.mark.parametrize("name", ["contiguous", "channels_last"])
+def test_float32_prediction_at_large_offset_and_tiny_spread(name, rng):
+    """Mean 1e4, std 1e-2: ``x * scale + (beta - mean * scale)`` would round ``x * scale``
+    (~1e6) to 0.06 and lose most of y; ``(x - mean) * scale`` is exact there (Sterbenz)."""
+    x = layout((1e4 + 1e-2 * rng.normal(size=(16, 6, 8, 8))).astype(np.float32), name)
+    x64 = x.astype(np.float64)
+    running_mean, running_var = x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3))
+    gamma, beta = rng.normal(1.0, 0.5, 6), rng.normal(0.0, 0.5, 6)
+    y = dispatch.forward_inference(x, gamma, beta, running_mean, running_var, 1e-5, "identity")
+    y_ref = reference.forward_inference(x64, gamma, beta, running_mean, running_var, eps=1e-5)
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-4 * np.abs(y_ref).max())
 
 
 def test_float16_is_computed_in_float32(rng):

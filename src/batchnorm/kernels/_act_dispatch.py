@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from batchnorm.kernels import _buffers
+from batchnorm.kernels._layout import CF
 
 ACTIVATIONS: dict[str, int] = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 INVERTIBLE = ("identity", "leaky_relu")
@@ -237,21 +238,16 @@ def _sum_parts(parts: np.ndarray) -> np.ndarray:
 
 
 def _stats(layout: str, v: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    if layout == "ncs":  # the plain BN's (N, C, S) statistics
+        return _dispatch()._stats64(v, CF, threads)
     k = _kernels()
     channels = v.shape[1]
-    if layout == "ncs":
-        part_mean = np.empty((v.shape[0], channels))
-        part_m2 = np.empty((v.shape[0], channels))
-        _k(k.row_stats_ncs, threads)(v, part_mean, part_m2)
-        counts = np.full(v.shape[0], float(v.shape[2]))
-    else:
-        starts = _row_starts(v.shape[0], channels, v.itemsize, threads)
-        part_mean = np.empty((starts.size - 1, channels))
-        part_m2 = np.empty((starts.size - 1, channels))
-        _k(k.block_stats_rc, threads)(v, starts, part_mean, part_m2)
-        counts = np.diff(starts).astype(np.float64)
+    starts = _row_starts(v.shape[0], channels, v.itemsize, threads)
+    part_mean = np.empty((starts.size - 1, channels))
+    part_m2 = np.empty((starts.size - 1, channels))
+    _k(k.block_stats_rc, threads)(v, starts, part_mean, part_m2)
     mean, var = np.empty(channels), np.empty(channels)
-    k.combine_stats(part_mean, part_m2, counts, mean, var)
+    k.combine_stats(part_mean, part_m2, np.diff(starts).astype(np.float64), mean, var)
     return mean, var
 
 
@@ -262,9 +258,7 @@ def _normalize_into(layout: str, v: np.ndarray, mean, scale, beta, code: int, sl
     k = _kernels()
     threads = _threads(v.size)
     if layout == "ncs":
-        with np.errstate(all="ignore"):  # non-finite statistics propagate silently, as in torch
-            shift = beta - mean * scale
-        _k(k.normalize_act_ncs, threads)(v, scale, shift, code, slope, y_view)
+        _k(k.normalize_act_ncs, threads)(v, mean, scale, beta, code, slope, threads, y_view)
     else:
         starts = _row_starts(v.shape[0], v.shape[1], v.itemsize, threads)
         _k(k.normalize_act_rc, threads)(v, mean, scale, beta, code, slope, starts, y_view)
@@ -311,10 +305,15 @@ def forward_train(x, gamma, beta, eps: float, act: str = "relu", slope: float = 
     g, b = _affine(gamma, beta, x.shape[1])
     # the layout and its view are reused: the public normalize_act would redo both
     y_view, y = _empty_like_layout(x, layout, dtype)
+    channels = x.shape[1]
     if layout == "rc" and threads == 1 and v.nbytes <= _BLOCK_BYTES:
-        channels = x.shape[1]
         mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
         _kernels().forward_train_act_rows(v, g, b, float(eps), code, float(slope), y_view, mean, var, invstd)
+    elif layout == "ncs" and (nb := _dispatch()._channel_blocks(*v.shape, v.itemsize, 1, threads)):
+        mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
+        _k(_kernels().forward_train_act_cf, threads)(
+            v, nb, g, b, float(eps), code, float(slope), y_view, mean, var, invstd
+        )
     else:
         mean, var = _stats(layout, v, threads)
         invstd = 1.0 / np.sqrt(var + eps)

@@ -17,15 +17,16 @@ With ``z = gamma * x_hat + beta`` (pre-activation)::
 
 Numerical choices, made here:
 
-* Statistics per (n, c) row (``ncs``: two passes in float64 while the row sits in L1) or per
-  row block (``rc``: the plain BN's one-pass float32 sums about a shift with its exact
-  fallback, ``stats._stats_block``), merged with Chan's pairwise formula
-  ``M2 = sum M2_b + sum n_b (mean_b - mean)^2``. The input is read from memory once for the
-  statistics, and no cancellation happens for large offsets (E[x^2] - E[x]^2 loses all digits
-  at mean 1e4, std 1 in float32).
-* The ``rc`` output and backward loops run in x's dtype with the mean split in two
-  (``((x - mean_hi) - mean_lo) * invstd``, ``x - mean_hi`` exact near the mean) and 32-row
-  partial sums added to float64, as the plain BN's rows kernels.
+* Statistics as the plain BN computes them: ``ncs`` training forward fused per block of
+  channels (``forward_train_act_cf``: the plain ``forward_train_cf`` with the activation in
+  its output pass, one float64 pass about a shift), or the plain BN's ``stats_cf`` where
+  blocks do not fit; ``rc`` per row block (the one-pass float32 sums about a shift with
+  their exact fallback, ``stats._stats_block``), merged with Chan's pairwise formula
+  ``M2 = sum M2_b + sum n_b (mean_b - mean)^2``. No cancellation happens for large offsets
+  (E[x^2] - E[x]^2 loses all digits at mean 1e4, std 1 in float32).
+* The output and backward loops in x's dtype run with the mean split in two
+  (``((x - mean_hi) - mean_lo) * invstd``, ``x - mean_hi`` exact near the mean) and the
+  ``rc`` sums in 32-row float32 partials added to float64, as the plain BN's kernels.
 * Compiled with the package's shared choices (``kernels/_jit.py``): cached, ``reassoc`` so the
   float64 row sums vectorize, no ``nnan``/``ninf`` so NaN and inf propagate as in torch; each
   parallel kernel has a ``.serial`` twin that the dispatch runs on small inputs.
@@ -33,8 +34,8 @@ Numerical choices, made here:
   (R, C) kernels: each loop calls ``_act``/``_act_grad`` with a constant code, so
   it compiles branch-free and vectorizes across channels. With the branch per element the
   (256, 1024) float32 backward took 0.83 ms against the plain BN's 0.11 ms (2 cores, shared
-  machine). The NCS kernels' loops are unswitched by LLVM itself (measured within 20%
-  of the plain BN kernels).
+  machine). The ``ncs`` forward kernels branch once per row or range of rows; the ``ncs``
+  backward helpers (``_sums_seg``, ``_dx_seg``) once per row.
 * Small (R, C) inputs (one thread, under ``_BLOCK_BYTES``) run ``forward_train_act_rows``:
   statistics and output in one call, since there the fixed cost per call is the point; every
   (R, C) backward is one call (``backward_rc``).
@@ -53,8 +54,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import ELEMENTWISE, FASTMATH, parallel_kernel, serial_kernel
-from batchnorm.kernels.forward import running_vectors
+from batchnorm.kernels._jit import ELEMENTWISE, FASTMATH, elementwise_kernel, parallel_kernel, serial_kernel
+from batchnorm.kernels.forward import channel_block_stats, running_vectors
 from batchnorm.kernels.stats import _stats_block
 
 IDENTITY, RELU, LEAKY_RELU, SILU = 0, 1, 2, 3
@@ -96,24 +97,6 @@ def _xhat(v, hi, lo, istd, g, bt, code, slope, from_output, zero):
 
 
 @parallel_kernel
-def row_stats_ncs(x, row_mean, row_m2):
-    """Per (n, c) row: mean and centred sum of squares over S, in float64."""
-    n_rows, channels, size = x.shape
-    for r in prange(n_rows * channels):
-        n, c = r // channels, r % channels
-        s = 0.0
-        for i in range(size):
-            s += x[n, c, i]
-        mean = s / size
-        m2 = 0.0
-        for i in range(size):
-            d = x[n, c, i] - mean
-            m2 += d * d
-        row_mean[n, c] = mean
-        row_m2[n, c] = m2
-
-
-@parallel_kernel
 def block_stats_rc(x, starts, block_mean, block_m2):
     """Per block of rows [starts[b], starts[b+1]): per-channel mean and centred sum of squares,
     by the plain BN's one-pass shifted float32 block statistics with its exact fallback
@@ -143,15 +126,81 @@ def combine_stats(part_mean, part_m2, counts, mean, var):
         var[c] = m2 / total
 
 
+@numba.njit(inline="always", cache=True, fastmath=ELEMENTWISE, error_model="numpy")
+def _normalize_act_runs_code(x, q0, q1, hi, lo, scale, beta, code, slope, one, zero, y):
+    c_ = x.shape[1]
+    n = q0 // c_
+    c = q0 % c_
+    for _ in range(q0, q1):
+        xr = x[n, c]
+        yr = y[n, c]
+        m_hi, m_lo, a, t = hi[c], lo[c], scale[c], beta[c]
+        for i in range(xr.shape[0]):
+            yr[i] = _act(((xr[i] - m_hi) - m_lo) * a + t, code, slope, one, zero)
+        c += 1
+        if c == c_:
+            c = 0
+            n += 1
+
+
+@elementwise_kernel
+def normalize_act_ncs(x, mean, scale, beta, act, slope, nblk, y):  # pragma: no cover - compiled
+    """x, y: (N, C, S): ``y = act(((x - mean_hi) - mean_lo) scale + beta)`` in x's dtype, the
+    two-part mean of the plain BN's ``normalize_cf`` (compiled without ``reassoc``, which
+    would fold the two parts back into one: a 0.04 error at mean 1e4, std 1e-2, tested).
+
+    The N * C rows go in ``nblk`` contiguous ranges with the channel stepped along, the
+    branch on act once per range. It was ``act(x * scale + shift)`` with
+    ``shift = beta - mean * scale`` (``x * scale`` rounds at large offsets) per row, the
+    row's n and channel divided out of its index.
+    """
+    hi, lo, sc, bt, _, sl, one, zero = _typed(x, mean, scale, beta, beta, slope)
+    r_ = x.shape[0] * x.shape[1]
+    for b in prange(nblk):
+        q0 = b * r_ // nblk
+        q1 = (b + 1) * r_ // nblk
+        if act == RELU:
+            _normalize_act_runs_code(x, q0, q1, hi, lo, sc, bt, RELU, sl, one, zero, y)
+        elif act == LEAKY_RELU:
+            _normalize_act_runs_code(x, q0, q1, hi, lo, sc, bt, LEAKY_RELU, sl, one, zero, y)
+        elif act == SILU:
+            _normalize_act_runs_code(x, q0, q1, hi, lo, sc, bt, SILU, sl, one, zero, y)
+        else:
+            _normalize_act_runs_code(x, q0, q1, hi, lo, sc, bt, IDENTITY, sl, one, zero, y)
+
+
+@numba.njit(inline="always", cache=True, fastmath=ELEMENTWISE, error_model="numpy")
+def _act_run_code(xr, yr, mu, scale, shift, code, slope):
+    for i in range(xr.shape[0]):
+        yr[i] = _act((xr[i] - mu) * scale + shift, code, slope, 1.0, 0.0)
+
+
 @parallel_kernel
-def normalize_act_ncs(x, scale, shift, act, slope, y):
-    """y = act(x * scale + shift), scale = gamma * invstd, shift = beta - mean * scale."""
-    n_rows, channels, size = x.shape
-    for r in prange(n_rows * channels):
-        n, c = r // channels, r % channels
-        a, b = scale[c], shift[c]
-        for i in range(size):
-            y[n, c, i] = _act(x[n, c, i] * a + b, act, slope, 1.0, 0.0)
+def forward_train_act_cf(
+    x, nb, gamma, beta, eps, act, slope, y, mean, var, invstd
+):  # pragma: no cover - compiled
+    """x, y: (N, C, S); the plain BN's fused ``forward_train_cf`` with the activation in its
+    output pass: per block of ``nb`` consecutive channels, the statistics in one pass about a
+    shift (``forward.channel_block_stats``), then ``y = act((x - mean) invstd gamma + beta)``
+    in float64 while the block is still in cache (1 read + 1 write of x's size instead of
+    3 reads + 1 write). The branch on act is taken per row, outside the element loop.
+    """
+    n_, c_, _ = x.shape
+    for b in prange(nb):
+        c0 = b * c_ // nb
+        c1 = (b + 1) * c_ // nb
+        channel_block_stats(x, c0, c1, eps, mean, var, invstd)
+        for n in range(n_):
+            for c in range(c0, c1):
+                mu, scale, shift = mean[c], invstd[c] * gamma[c], beta[c]
+                if act == RELU:
+                    _act_run_code(x[n, c], y[n, c], mu, scale, shift, RELU, slope)
+                elif act == LEAKY_RELU:
+                    _act_run_code(x[n, c], y[n, c], mu, scale, shift, LEAKY_RELU, slope)
+                elif act == SILU:
+                    _act_run_code(x[n, c], y[n, c], mu, scale, shift, SILU, slope)
+                else:
+                    _act_run_code(x[n, c], y[n, c], mu, scale, shift, IDENTITY, slope)
 
 
 @numba.njit(inline="always", cache=True, fastmath=ELEMENTWISE, error_model="numpy")

@@ -18,8 +18,50 @@ import numba
 import numpy as np
 from numba import prange
 
-from batchnorm.kernels._jit import elementwise_kernel, parallel_kernel
+from batchnorm.kernels._jit import FASTMATH, elementwise_kernel, parallel_kernel
 from batchnorm.kernels.stats import _stats_block
+
+
+@numba.njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
+def channel_block_stats(x, c0, c1, eps, mean, var, invstd):  # pragma: no cover - compiled
+    """mean, biased var and invstd of channels [c0, c1) of x (N, C, S), in one pass about a
+    shift k, the channel's mean over its first run x[0, c]::
+
+        d = x - k,  mean = k + sum d / m,  var = (sum d^2 - m (mean - k)^2) / m
+
+    in float64 (never E[x^2] - E[x]^2). The run is part of the channel, so
+    ``S (k - mean)^2 <= M2``: the correction is at most N / (N + 1) of ``sum d^2`` and the
+    subtraction loses at most log2(N + 1) of float64's 53 bits (4 at N = 16), whatever the
+    data. Walked in memory order (n outer, then channels): runs of ``x[n, c0:c1]``.
+    """
+    n_, _, s_ = x.shape
+    m = n_ * s_
+    shift = np.empty(c1 - c0)
+    for c in range(c0, c1):
+        xr = x[0, c]
+        total = 0.0
+        for i in range(s_):
+            total += xr[i]
+        shift[c - c0] = total / s_
+        mean[c] = 0.0
+        var[c] = 0.0
+    for n in range(n_):
+        for c in range(c0, c1):
+            xr = x[n, c]
+            k = shift[c - c0]
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(s_):
+                d = xr[i] - k
+                s1 += d
+                s2 += d * d
+            mean[c] += s1
+            var[c] += s2
+    for c in range(c0, c1):
+        e = mean[c] / m
+        mean[c] = shift[c - c0] + e
+        var[c] = (var[c] - m * e * e) / m
+        invstd[c] = 1.0 / math.sqrt(var[c] + eps)
 
 
 @parallel_kernel
@@ -36,46 +78,16 @@ def forward_train_cf(x, nb, gamma, beta, eps, y, mean, var, invstd):  # pragma: 
     2.89 ms), so it stays float64. The dispatcher uses it when a block's slab fits in
     cache and the blocks split evenly over the threads.
 
-    The statistics take one pass about a shift k, the channel's mean over its first run
-    x[0, c]: ``mean = k + sum d / m`` and ``M2 = sum d^2 - m (mean - k)^2`` with ``d = x - k``
-    in float64 (never E[x^2] - E[x]^2). The run is part of the channel, so
-    ``S (k - mean)^2 <= M2``: the correction is at most N / (N + 1) of ``sum d^2`` and the
-    subtraction loses at most log2(N + 1) of float64's 53 bits (4 at N = 16), whatever the
-    data. Against two passes, the raw kernel, 2 threads, interleaved: (16, 2048, 7, 7)
+    The statistics take one pass about a shift (``channel_block_stats``). Against two
+    passes, the raw kernel, 2 threads, interleaved: (16, 2048, 7, 7)
     816 -> 690 us, (16, 1024, 14, 14) 1226 -> 997 us, (16, 512, 28, 28) 2728 -> 2232 us (a
     short S pays its per-row loop overhead once per pass).
     """
     n_, c_, s_ = x.shape
-    m = n_ * s_
     for b in prange(nb):
         c0 = b * c_ // nb
         c1 = (b + 1) * c_ // nb
-        shift = np.empty(c1 - c0)
-        for c in range(c0, c1):
-            xr = x[0, c]
-            total = 0.0
-            for i in range(s_):
-                total += xr[i]
-            shift[c - c0] = total / s_
-            mean[c] = 0.0
-            var[c] = 0.0
-        for n in range(n_):
-            for c in range(c0, c1):
-                xr = x[n, c]
-                k = shift[c - c0]
-                s1 = 0.0
-                s2 = 0.0
-                for i in range(s_):
-                    d = xr[i] - k
-                    s1 += d
-                    s2 += d * d
-                mean[c] += s1
-                var[c] += s2
-        for c in range(c0, c1):
-            e = mean[c] / m
-            mean[c] = shift[c - c0] + e
-            var[c] = (var[c] - m * e * e) / m
-            invstd[c] = 1.0 / math.sqrt(var[c] + eps)
+        channel_block_stats(x, c0, c1, eps, mean, var, invstd)
         for n in range(n_):
             for c in range(c0, c1):
                 xr = x[n, c]
