@@ -246,11 +246,13 @@ def backward_rows(
     """
     r_, w_ = x.shape
     c_ = w_ // groups
+    # column j = g * C + c: loops over (g, c), not j % C per column (as forward_train_rows)
     hi = x[0].copy()
     lo = x[0].copy()
-    for j in range(w_):
-        hi[j] = mean[j % c_]
-        lo[j] = mean[j % c_] - hi[j]
+    for g in range(groups):
+        for c in range(c_):
+            hi[g * c_ + c] = mean[c]
+            lo[g * c_ + c] = mean[c] - hi[g * c_ + c]
     part = np.zeros((nblk, 2, w_))
     for b in prange(nblk):
         _reduce_block(dy, x, hi, lo, b * r_ // nblk, (b + 1) * r_ // nblk, part[b, 0], part[b, 1])
@@ -258,21 +260,23 @@ def backward_rows(
         sum_dy[c] = 0.0
         sum_dy_xhat[c] = 0.0
     for b in range(nblk):
-        for j in range(w_):
-            sum_dy[j % c_] += part[b, 0, j]
-            sum_dy_xhat[j % c_] += part[b, 1, j]
+        for g in range(groups):
+            for c in range(c_):
+                sum_dy[c] += part[b, 0, g * c_ + c]
+                sum_dy_xhat[c] += part[b, 1, g * c_ + c]
     m = r_ * groups
     a = x[0].copy()
     mdy = x[0].copy()
     k = x[0].copy()
     for c in range(c_):
         sum_dy_xhat[c] *= invstd[c]
-    for j in range(w_):
-        c = j % c_
-        a[j] = gamma[c] * invstd[c]  # gamma invstd
-        mdy[j] = sum_dy[c] / m  # mean(dy)
-        k[j] = sum_dy_xhat[c] / m * invstd[c]  # mean(dy x_hat) invstd, multiplies (x - mean)
-        mdy[j] -= lo[j] * k[j]  # the low half of the mean folded in (as backward_dx_rows)
+    for g in range(groups):
+        for c in range(c_):
+            j = g * c_ + c
+            a[j] = gamma[c] * invstd[c]  # gamma invstd
+            mdy[j] = sum_dy[c] / m  # mean(dy)
+            k[j] = sum_dy_xhat[c] / m * invstd[c]  # mean(dy x_hat) invstd, multiplies (x - mean)
+            mdy[j] -= lo[j] * k[j]  # the low half of the mean folded in (as backward_dx_rows)
     for b in prange(nblk):
         for r in range(b * r_ // nblk, (b + 1) * r_ // nblk):
             xr = x[r]

@@ -168,11 +168,15 @@ def normalize_rows(x, mean, scale, shift, run, nblk, y):  # pragma: no cover - c
     hi = x[0].copy()
     a = x[0].copy()
     t = x[0].copy()
-    for j in range(w_):
-        c = (j // run) % c_
-        hi[j] = mean[c]
-        a[j] = scale[c]
-        t[j] = shift[c] - (mean[c] - hi[j]) * a[j]
+    # column j = (g * C + c) * run + i, walked in that order (no j // run % C per column)
+    j = 0
+    for _ in range(w_ // (c_ * run)):
+        for c in range(c_):
+            for _ in range(run):
+                hi[j] = mean[c]
+                a[j] = scale[c]
+                t[j] = shift[c] - (mean[c] - hi[j]) * a[j]
+                j += 1
     for b in prange(nblk):
         for r in range(b * r_ // nblk, (b + 1) * r_ // nblk):
             xr = x[r]
@@ -248,28 +252,33 @@ def forward_train_rows(
     for c in range(c_):
         mean[c] = 0.0
         var[c] = 0.0
+    # column j = g * C + c: loops over (g, c), not j % C per column (a 64-bit division each:
+    # ~1.3 ns, 13k of them on (256, 1024) with 4 blocks)
     for b in range(nblk):
         n = (b + 1) * r_ // nblk - b * r_ // nblk
-        for j in range(w_):
-            mean[j % c_] += n * bmean[b, j]
+        for g in range(groups):
+            for c in range(c_):
+                mean[c] += n * bmean[b, g * c_ + c]
     for c in range(c_):
         mean[c] /= m
     for b in range(nblk):
         n = (b + 1) * r_ // nblk - b * r_ // nblk
-        for j in range(w_):
-            d = bmean[b, j] - mean[j % c_]
-            var[j % c_] += max(bm2[b, j], 0.0) + n * d * d
+        for g in range(groups):
+            for c in range(c_):
+                d = bmean[b, g * c_ + c] - mean[c]
+                var[c] += max(bm2[b, g * c_ + c], 0.0) + n * d * d
     for c in range(c_):
         var[c] /= m
         invstd[c] = 1.0 / math.sqrt(var[c] + eps)
     hi = x[0].copy()  # vectors in x's dtype, one entry per virtual channel
     scale = x[0].copy()
     shift = x[0].copy()
-    for j in range(w_):
-        c = j % c_
-        hi[j] = mean[c]
-        scale[j] = invstd[c] * gamma[c]
-        shift[j] = beta[c] - (mean[c] - hi[j]) * scale[j]
+    for g in range(groups):
+        for c in range(c_):
+            j = g * c_ + c
+            hi[j] = mean[c]
+            scale[j] = invstd[c] * gamma[c]
+            shift[j] = beta[c] - (mean[c] - hi[j]) * scale[j]
     for b in prange(nblk):
         for r in range(b * r_ // nblk, (b + 1) * r_ // nblk):
             xr = x[r]
