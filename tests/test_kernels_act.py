@@ -121,8 +121,15 @@ def test_forward_backward_match_reference(shape, name, dtype, act, rng, block_by
 
 
 @pytest.mark.parametrize("act", list(dispatch.ACTIVATIONS))
-@pytest.mark.parametrize("shape,name", [((5, 4, 3, 3), "contiguous"), ((5, 4, 3, 3), "channels_last")])
-def test_inference_matches_reference(shape, name, act, rng):
+@pytest.mark.parametrize(
+    "shape,name",
+    [
+        ((5, 4, 3, 3), "contiguous"),  # the fused (N, C, S) kernel, statistics given
+        ((3, 5, 4, 2), "contiguous"),  # on 2 threads: normalize_act_ncs, 5 channels unsplit
+        ((5, 4, 3, 3), "channels_last"),
+    ],
+)
+def test_inference_matches_reference(shape, name, act, rng, block_bytes):
     x, gamma, beta, _ = make(shape, np.float64, name, rng)
     running_mean, running_var = rng.normal(size=shape[1]), rng.uniform(0.5, 2.0, shape[1])
     y = dispatch.forward_inference(x, gamma, beta, running_mean, running_var, 1e-5, act, SLOPE)
