@@ -368,7 +368,7 @@ def test_kernels_are_cached_on_disk_and_listed():
 @pytest.mark.parametrize("shape", [(16384, 3), (16, 5, 32, 32)])
 def test_narrow_rows_regrouped_match_reference(rng, shape, threads, monkeypatch):
     # Channels-last / (N, C) with C < 64 run as rows of C*k "virtual channels" (``_widen``);
-    # one thread sends a small one to the one-call kernels (forward_train_rows, backward_rows).
+    # one thread sends a small one to the one-call kernels (forward_rows, backward_rows).
     monkeypatch.setattr(_dispatch, "_threads_override", threads)
     x = make(rng, shape, np.float32, "channels_last" if len(shape) > 2 else "contiguous", loc=5.0)
     rows = x.size // shape[1]
@@ -512,8 +512,8 @@ def test_stale_numba_caches_are_dropped_when_a_kernel_source_changes(tmp_path):
     cache = tmp_path / "__pycache__"
     cache.mkdir()
     compiled = [
-        cache / "forward.forward_train_rows-1.py311.nbi",
-        cache / "forward.forward_train_rows-1.py311.1.nbc",
+        cache / "forward.forward_rows-1.py311.nbi",
+        cache / "forward.forward_rows-1.py311.1.nbc",
     ]
     for path in compiled:
         path.write_bytes(b"old machine code")

@@ -59,8 +59,8 @@ from batchnorm.kernels.backward import (
     backward_rows,
 )
 from batchnorm.kernels.forward import (
+    forward_rows,
     forward_train_cf,
-    forward_train_rows,
     normalize_cf,
     normalize_rows,
     normalize_running_rows,
@@ -281,10 +281,13 @@ def _stats64(xv: np.ndarray, kind: str, threads: int) -> tuple[np.ndarray, np.nd
 def _normalize64(xv, kind, mean, scale, shift, yv, threads) -> None:  # type: ignore[no-untyped-def]
     """y = (x - mean) * scale + shift from float64 vectors, in x's dtype with a two-part mean."""
     if kind == ROWS:
+        # forward_rows with the statistics given (scale as its gamma): the training
+        # forward's compiled code, one kernel less to compile (see forward_rows)
         k = _widen(xv.shape[0], xv.shape[1], xv.size)
         xw = _wide(xv, k)
         nblk = _blocks_rows(xw.shape[0], xw.shape[1], xv.itemsize, threads)
-        _k(normalize_rows, threads)(xw, mean, scale, shift, 1, nblk, _wide(yv, k))
+        ones = np.ones(xv.shape[1])
+        _k(forward_rows, threads)(xw, k, nblk, False, scale, shift, 0.0, _wide(yv, k), mean, ones, ones)
     elif _short_runs(xv):
         n, c, s = xv.shape
         nblk = _blocks_rows(n, c * s, xv.itemsize, threads)
@@ -431,7 +434,7 @@ def forward_train(
         y = np.empty_like(x)
         mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
         nblk = _blocks_rows(x.shape[0], c, x.itemsize, 1)
-        forward_train_rows.serial(x, 1, nblk, gamma64, beta64, float(eps), y, mean, var, invstd)
+        forward_rows.serial(x, 1, nblk, True, gamma64, beta64, float(eps), y, mean, var, invstd)
         dt = x.dtype
         return y, mean.astype(dt), var.astype(dt), invstd.astype(dt)
     xc, kind = _prepare(x)
@@ -452,8 +455,8 @@ def forward_train(
         k = _widen(xv.shape[0], c, xv.size)
         xw = _wide(xv, k)
         nblk = _blocks_rows(xw.shape[0], c * k, xv.itemsize, threads)
-        _k(forward_train_rows, threads)(
-            xw, k, nblk, gamma64, beta64, float(eps), _wide(y.view, k), mean, var, invstd
+        _k(forward_rows, threads)(
+            xw, k, nblk, True, gamma64, beta64, float(eps), _wide(y.view, k), mean, var, invstd
         )
     elif nb := _channel_blocks(xv.shape[0], c, xv.shape[2], xv.itemsize, 1, threads):
         mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)

@@ -34,7 +34,7 @@ def drop_stale_caches(directory: pathlib.Path) -> bool:
 
     numba keys a function's on-disk cache on its own file's stamp only, so after an edit of a
     helper in one file (``stats._stats_block``) a caller in another file
-    (``forward.forward_train_rows``, which inlines it) would load its old machine code. One
+    (``forward.forward_rows``, which inlines it) would load its old machine code. One
     digest of every kernel source, kept beside the caches, catches that. True when caches
     were dropped. A read-only install keeps its caches elsewhere, keyed on files that only
     change by reinstalling: nothing to do there.

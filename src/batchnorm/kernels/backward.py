@@ -236,7 +236,7 @@ def backward_dx_rows(dy, x, mean_hi, mean_lo, a, mdy, k, nblk, dx):  # pragma: n
 def backward_rows(
     dy, x, groups, nblk, mean, invstd, gamma, dx, sum_dy, sum_dy_xhat
 ):  # pragma: no cover - compiled
-    """dy, x, dx: (R, W) rows, W = groups * C (as ``forward_train_rows``); both passes in one call.
+    """dy, x, dx: (R, W) rows, W = groups * C (as ``forward_rows``); both passes in one call.
 
     The reduction as ``backward_reduce_rows`` (``_reduce_block``: SUB rows in x's dtype per
     float64 update, two-part mean), the per-channel combine, then the dx pass in x's dtype. One call instead
@@ -246,7 +246,7 @@ def backward_rows(
     """
     r_, w_ = x.shape
     c_ = w_ // groups
-    # column j = g * C + c: loops over (g, c), not j % C per column (as forward_train_rows)
+    # column j = g * C + c: loops over (g, c), not j % C per column (as forward_rows)
     hi = x[0].copy()
     lo = x[0].copy()
     for g in range(groups):

@@ -152,7 +152,7 @@ def normalize_cf(x, c_, mean_hi, mean_lo, scale, shift, seg, nblk, y):  # pragma
 @elementwise_kernel
 def normalize_rows(x, mean, scale, shift, run, nblk, y):  # pragma: no cover - compiled
     """x, y: (R, W) rows, column j of channel ``(j // run) % C``: W = groups * C (as
-    ``forward_train_rows``, run 1), or a contiguous (N, C, S) input with short S read as N
+    ``forward_rows``, run 1), or a contiguous (N, C, S) input with short S read as N
     rows of C * S (run S, ``_dispatch._short_runs``); ``mean``, ``scale``, ``shift``: (C,)
     float64. Rows split into ``nblk`` blocks, the inner loop across W.
 
@@ -227,49 +227,55 @@ def normalize_running_rows(x, running_mean, running_var, eps, gamma, beta, y):  
 
 
 @elementwise_kernel
-def forward_train_rows(
-    x, groups, nblk, gamma, beta, eps, y, mean, var, invstd
+def forward_rows(
+    x, groups, nblk, batch_stats, gamma, beta, eps, y, mean, var, invstd
 ):  # pragma: no cover - compiled
     """x, y: (R, W) rows, W = groups * C (``groups`` rows of C channels read as one, see
-    ``_dispatch._widen``); statistics and output in one call.
+    ``_dispatch._widen``); statistics (with ``batch_stats``) and output in one call.
 
     1. Per block of rows (one unit each, vectorized across W): mean and M2 in one pass about
        a shift, float32 partial sums, exact fallback (``stats._stats_block``).
-    2. Blocks and groups combined per channel (Chan: ``M2 = sum M2_b + n_b (mean_b - mean)^2``).
+    2. Blocks and groups combined per channel (Chan: ``M2 = sum M2_b + n_b (mean_b - mean)^2``),
+       written to mean, var and invstd. Without ``batch_stats`` (prediction) steps 1-2 are
+       skipped and mean and invstd are read as given.
     3. ``y = (x - mean_hi) * scale + (shift - mean_lo * scale)`` in x's dtype (as normalize_rows).
 
     One call instead of stats_rows + NumPy vector arithmetic + normalize_rows, for every rows
     input: one thread, float32, kernels.forward_train (256, 1024): 89 -> 75 us (the Python
-    between the two kernels was ~15 us). Compiled without ``reassoc`` (it could undo the shift).
+    between the two kernels was ~15 us). Prediction on large rows runs this compiled code too
+    (not a parallel normalize_rows): channels-last's first training step and eval call
+    compile one large kernel less, ~0.9 s. Compiled without ``reassoc`` (it could undo the
+    shift).
     """
     r_, w_ = x.shape
     c_ = w_ // groups
-    bmean = np.empty((nblk, w_))
-    bm2 = np.empty((nblk, w_))
-    for b in prange(nblk):
-        _stats_block(x, b * r_ // nblk, (b + 1) * r_ // nblk, bmean[b], bm2[b])
-    m = r_ * groups
-    for c in range(c_):
-        mean[c] = 0.0
-        var[c] = 0.0
-    # column j = g * C + c: loops over (g, c), not j % C per column (a 64-bit division each:
-    # ~1.3 ns, 13k of them on (256, 1024) with 4 blocks)
-    for b in range(nblk):
-        n = (b + 1) * r_ // nblk - b * r_ // nblk
-        for g in range(groups):
-            for c in range(c_):
-                mean[c] += n * bmean[b, g * c_ + c]
-    for c in range(c_):
-        mean[c] /= m
-    for b in range(nblk):
-        n = (b + 1) * r_ // nblk - b * r_ // nblk
-        for g in range(groups):
-            for c in range(c_):
-                d = bmean[b, g * c_ + c] - mean[c]
-                var[c] += max(bm2[b, g * c_ + c], 0.0) + n * d * d
-    for c in range(c_):
-        var[c] /= m
-        invstd[c] = 1.0 / math.sqrt(var[c] + eps)
+    if batch_stats:
+        bmean = np.empty((nblk, w_))
+        bm2 = np.empty((nblk, w_))
+        for b in prange(nblk):
+            _stats_block(x, b * r_ // nblk, (b + 1) * r_ // nblk, bmean[b], bm2[b])
+        m = r_ * groups
+        for c in range(c_):
+            mean[c] = 0.0
+            var[c] = 0.0
+        # column j = g * C + c: loops over (g, c), not j % C per column (a 64-bit division
+        # each: ~1.3 ns, 13k of them on (256, 1024) with 4 blocks)
+        for b in range(nblk):
+            n = (b + 1) * r_ // nblk - b * r_ // nblk
+            for g in range(groups):
+                for c in range(c_):
+                    mean[c] += n * bmean[b, g * c_ + c]
+        for c in range(c_):
+            mean[c] /= m
+        for b in range(nblk):
+            n = (b + 1) * r_ // nblk - b * r_ // nblk
+            for g in range(groups):
+                for c in range(c_):
+                    d = bmean[b, g * c_ + c] - mean[c]
+                    var[c] += max(bm2[b, g * c_ + c], 0.0) + n * d * d
+        for c in range(c_):
+            var[c] /= m
+            invstd[c] = 1.0 / math.sqrt(var[c] + eps)
     hi = x[0].copy()  # vectors in x's dtype, one entry per virtual channel
     scale = x[0].copy()
     shift = x[0].copy()
