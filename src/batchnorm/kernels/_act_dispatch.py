@@ -262,7 +262,8 @@ def _normalize_into(layout: str, v: np.ndarray, mean, scale, beta, code: int, sl
         # gamma): an (N, C, S) BatchNormAct's first training step + eval call compiled in
         # 7.6-8.9 s instead of 11.3-13.1 s with normalize_act_ncs as well. Its float64 output
         # pass is 0-14% slower on eval than that kernel's float32 one ((16, 1024, 14, 14):
-        # 0.65 -> 0.74 ms; (16, 2048, 7, 7): 0.31 -> 0.28 ms), still 1.5-3.8x torch BN + ReLU.
+        # 0.65 -> 0.74 ms; (16, 2048, 7, 7): 0.31 -> 0.28 ms), still 1.2-13.5x torch BN + ReLU
+        # in the bench suite.
         ones = np.ones(v.shape[1])
         _k(k.forward_act_cf, threads)(v, nb, False, scale, beta, 0.0, code, slope, y_view, mean, ones, ones)
     elif layout == "ncs":
