@@ -13,7 +13,15 @@ import torch
 
 from batchnorm import cli, reference
 from batchnorm.bench import model
-from batchnorm.bench.suite import IMPLEMENTATIONS, MODES, Case, bound_seconds, make_inputs, parse_shapes
+from batchnorm.bench.suite import (
+    IMPLEMENTATIONS,
+    MODES,
+    TRAFFIC,
+    Case,
+    bound_seconds,
+    make_inputs,
+    parse_shapes,
+)
 
 
 def test_parse_shapes_prefixes_and_errors():
@@ -99,7 +107,13 @@ def test_cli_smoke_writes_json_and_png(tmp_path, capsys):
     assert {"machine", "config", "suite"} <= set(data)
     assert data["machine"]["cpu"] and data["config"]["repeats"] == 2 and data["config"]["threads"] == 1
     suite = data["suite"]
-    assert suite["bandwidth_Bps"] > 0
+    # one copy measurement before each of the two shapes; the bound uses their median
+    samples = suite["bandwidth_samples_Bps"]
+    assert len(samples) == 2 and min(samples) <= suite["bandwidth_Bps"] <= max(samples)
+    for row in suite["results"]:
+        expected_bound = TRAFFIC[row["mode"]] * row["bytes"] / suite["bandwidth_Bps"]
+        assert row["bound_s"] == pytest.approx(expected_bound)
+        assert row["fraction_of_bound"]["torch"] == pytest.approx(expected_bound / row["median_s"]["torch"])
     assert len(suite["results"]) == 2 * len(MODES)
     for row in suite["results"]:
         assert set(row["median_s"]) == {"torch", "batchnorm-act", "numpy", "torch+relu"}

@@ -104,8 +104,16 @@ def _suite(args: argparse.Namespace, console: Any, payload: dict) -> None:
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("measuring", total=len(cases) * len(modes))
         suite = run_suite(cases, impls, modes, args.repeats, progress=lambda: progress.advance(task))
+    measured = suite["bandwidth_samples_Bps"]
+    spread = (
+        f", median of {len(measured)} measurements, one before each shape: "
+        f"{min(measured) / 1e9:.1f}-{max(measured) / 1e9:.1f} GB/s"
+        if len(measured) > 1
+        else ""
+    )
     console.print(
-        f"copy bandwidth (read + write, measured in this run): {suite['bandwidth_Bps'] / 1e9:.1f} GB/s"
+        f"copy bandwidth (read + write, measured in this run{spread}): "
+        f"{suite['bandwidth_Bps'] / 1e9:.1f} GB/s"
     )
     for table in report.suite_tables(suite):
         console.print(table)

@@ -22,10 +22,16 @@ def run_suite(
 
     Each result row: case, mode, bytes, bound, median seconds per implementation, speed-up
     against the implementation's baseline (baseline time / its time) and fraction of the bound.
+
+    Without a given ``bandwidth`` the copy bandwidth is measured before every case and the
+    bound uses their median: on a shared machine one measurement is a snapshot (six in a row,
+    seconds apart, gave 29.6-49.3 GB/s here), and the run's phases should all count.
     """
-    bandwidth = bandwidth or timing.copy_bandwidth()
-    results, skipped = [], []
+    samples_bps: list[float] = []
+    results, skipped, row_cases = [], [], []
     for case in cases:
+        if bandwidth is None:
+            samples_bps.append(timing.copy_bandwidth())
         inputs = make_inputs(case)
         for mode in modes:
             calls = {}
@@ -43,7 +49,6 @@ def run_suite(
                     )
             samples = timing.interleaved(calls, repeats)
             med = {name: timing.median(s) for name, s in samples.items()}
-            bound = bound_seconds(case, mode, bandwidth)
             results.append(
                 {
                     "shape": list(case.shape),
@@ -52,7 +57,6 @@ def run_suite(
                     "label": case.label,
                     "mode": mode,
                     "bytes": case.nbytes,
-                    "bound_s": bound,
                     "median_s": med,
                     "samples_s": samples,
                     "speedup": {
@@ -60,13 +64,18 @@ def run_suite(
                         for n, t in med.items()
                         if IMPLEMENTATIONS[n].baseline in med
                     },
-                    "fraction_of_bound": {n: bound / t for n, t in med.items()},
                 }
             )
+            row_cases.append(case)
             if progress is not None:
                 progress()
+    bandwidth = bandwidth or (timing.median(samples_bps) if samples_bps else timing.copy_bandwidth())
+    for row, case in zip(results, row_cases, strict=True):
+        row["bound_s"] = bound = bound_seconds(case, row["mode"], bandwidth)
+        row["fraction_of_bound"] = {n: bound / t for n, t in row["median_s"].items()}
     return {
         "bandwidth_Bps": bandwidth,
+        "bandwidth_samples_Bps": samples_bps,
         "repeats": repeats,
         "results": results,
         "geomean": geomeans(results),
