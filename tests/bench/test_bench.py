@@ -137,6 +137,8 @@ def test_cli_smoke_writes_json_and_png(tmp_path, capsys):
         (["--threads", "0"], "--threads: expected a positive integer, got 0"),
         (["--shapes", "16x64x56x56cl"], "--shapes: '16x64x56x56cl' is not like"),
         (["--modes", "train,infer"], "--modes: unknown"),
+        (["--model", "--batch", "0"], "--batch: expected a positive integer, got 0"),
+        (["--fold", "--width", "-1"], "--width: expected a positive integer, got -1"),
     ],
 )
 def test_cli_rejects_bad_options_with_a_message_not_a_traceback(argv, message, capsys):

@@ -88,6 +88,9 @@ def _checked_options(args: argparse.Namespace) -> tuple[list, list[str], list[st
         raise ValueError(f"--repeats: expected a positive integer, got {args.repeats}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
+    for option in ("width", "batch"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option}: expected a positive integer, got {getattr(args, option)}")
     cases = parse_shapes(args.shapes)
     modes = _split(args.modes, MODES, "--modes")
     impls = _split(args.impls, IMPLEMENTATIONS, "--impls")
