@@ -97,13 +97,13 @@ def _checked_options(args: argparse.Namespace) -> tuple[list, list[str], list[st
     return cases, modes, impls
 
 
-def _suite(args: argparse.Namespace, console: Any, payload: dict) -> None:
+def _suite(args: argparse.Namespace, plan: tuple, console: Any, payload: dict) -> None:
     from rich.progress import Progress
 
     from batchnorm.bench import report
     from batchnorm.bench.kernels import run_suite
 
-    cases, modes, impls = _checked_options(args)
+    cases, modes, impls = plan
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("measuring", total=len(cases) * len(modes))
         suite = run_suite(cases, impls, modes, args.repeats, progress=lambda: progress.advance(task))
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Every option is checked before anything is measured, and a bad one ends the run
         # with its message rather than a traceback.
-        _checked_options(args)
+        plan = _checked_options(args)
     except ValueError as err:
         raise SystemExit(f"batchnorm bench: {err}") from None
     _set_threads(args.threads)
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.sync:
         section = _sync(console)
     else:
-        _suite(args, console, payload)
+        _suite(args, plan, console, payload)
     if section is not None:
         console.print(report.simple_table(section["title"], section["rows"]))
         payload["section"] = section
