@@ -272,13 +272,32 @@ def _batch_norm_torch(
     eps: float,
 ) -> Any:
 
-    from batchnorm import _custom_ops
+    from batchnorm import _custom_ops, _torch_ops
 
     count = count_per_channel(tuple(x.shape))
     if count == 0:
         return _empty_output(x, weight, bias)
+    if x.is_cuda and _torch_ops.cuda_uses_torch(x) and not _custom_ops._tracing():
+        import torch
+
+        # torch's own CUDA kernel where it is the faster one (see _torch_ops.CUDA_TRITON_MIN_COUNT);
+        # same semantics, the arguments already checked here.
+        return torch.nn.functional.batch_norm(
+            x, running_mean, running_var, weight, bias, training, momentum or 0.0, eps
+        )
     if not training:
         return _custom_ops.batch_norm_inference(x, running_mean, running_var, weight, bias, eps)
+    tracks = running_mean is not None and running_var is not None
+    # buffers the kernels can update in place (the general path handles any others)
+    in_place = not tracks or not (
+        running_mean.requires_grad
+        or running_var.requires_grad
+        or not running_mean.is_contiguous()
+        or not running_var.is_contiguous()
+    )
+    if in_place and _custom_ops.triton_eager(x):
+        running = (running_mean, running_var, momentum) if tracks else None
+        return _custom_ops.train_triton(x, weight, bias, eps, running)
     y, mean, var, _ = _custom_ops.batch_norm_train(x, weight, bias, eps)
     if running_mean is not None and running_var is not None:
         update_running_(running_mean, running_var, mean, var, count, cast(float, momentum))

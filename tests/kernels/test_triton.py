@@ -106,6 +106,54 @@ def test_forward_backward_match_reference(dtype, layout, config):
     close(dbias, dbeta_ref, (STAT_TOL[dtype][0], 10 * STAT_TOL[dtype][1]))
 
 
+@pytest.mark.parametrize("merged", [True, False], ids=["in-normalize", "in-combine"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_running_buffers_update_inside_the_kernels(dtype, layout, merged, monkeypatch):
+    """``running=`` updates the buffers as torch.nn does, whether the normalize pass merges the
+    statistics (and updates) or the separate combine launch does."""
+    from batchnorm.kernels.triton import _dispatch
+
+    if not merged:
+        monkeypatch.setattr(_dispatch, "_MERGE_WORK_LIMIT", 0)
+    x = make(layout, dtype, seed=7)
+    c = x.shape[1]
+    run_mean = torch.linspace(-1, 1, c, dtype=dtype, device=x.device)
+    run_var = torch.linspace(0.5, 2, c, dtype=dtype, device=x.device)
+    start_mean, start_var = np64(run_mean).copy(), np64(run_var).copy()  # np64 may share memory
+    y, mean, var, _ = tk.forward_train(x, None, None, EPS, running=(run_mean, run_var, 0.3), config=SPLIT)
+    _, cache = ref.forward(np64(x), None, None, EPS)
+    expected = ref.update_running(start_mean, start_var, cache.mean, cache.var, x.numel() // c, 0.3)
+    close(run_mean, expected[0], STAT_TOL[dtype])
+    close(run_var, expected[1], STAT_TOL[dtype])
+    close(y, cache.x_hat, TOL[dtype])
+
+
+def test_running_buffers_must_be_dense():
+    x = make("nchw", torch.float32)
+    run_mean = torch.zeros(2 * x.shape[1], device=x.device)[::2]
+    with pytest.raises(ValueError, match="running_mean: expected a contiguous buffer"):
+        tk.forward_train(x, None, None, EPS, running=(run_mean, torch.ones(x.shape[1], device=x.device), 0.1))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_separate_combine_launches_equal_the_merging_passes(layout, monkeypatch):
+    """Above ``_MERGE_WORK_LIMIT`` the statistics and the sums get their own combine launch
+    instead of being merged inside the normalize and dx programs: same results."""
+    from batchnorm.kernels.triton import _dispatch
+
+    x = make(layout, torch.float32)
+    dy = make(layout, torch.float32, seed=2, loc=0.0, scale=1.0)
+    weight, bias = params(x.shape[1])
+    merged = tk.forward_train(x, weight, bias, EPS, config=SPLIT)
+    merged_bwd = tk.backward(dy, x, merged[1], merged[3], weight, config=SPLIT)
+    monkeypatch.setattr(_dispatch, "_MERGE_WORK_LIMIT", 0)
+    separate = tk.forward_train(x, weight, bias, EPS, config=SPLIT)
+    separate_bwd = tk.backward(dy, x, separate[1], separate[3], weight, config=SPLIT)
+    for a, b in zip((*merged, *merged_bwd), (*separate, *separate_bwd), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc", "nc"])
 def test_pieces_compose_like_the_whole(layout):
     """channel_stats, normalize, backward_reduce and backward_dx, without weight and bias."""
@@ -131,9 +179,10 @@ def test_backward_dx_takes_the_count_of_an_all_reduced_sum():
     x = make("nchw", torch.float64)
     dy = make("nchw", torch.float64, seed=4)
     weight, _ = params(x.shape[1])
-    mean, var = (torch.rand(x.shape[1], dtype=torch.float64) for _ in range(2))
+    mean, var = (torch.rand(x.shape[1], dtype=torch.float64, device=x.device) for _ in range(2))
     invstd = torch.rsqrt(var + EPS)
-    sum_dy, sum_dy_xhat, count = torch.randn(x.shape[1]), torch.randn(x.shape[1]), 1000
+    sum_dy, sum_dy_xhat = (torch.randn(x.shape[1], device=x.device) for _ in range(2))
+    count = 1000
     dx = tk.backward_dx(dy, x, mean, invstd, weight.double(), sum_dy.double(), sum_dy_xhat.double(), count)
     c = lambda v: np64(v).reshape(1, -1, 1, 1)  # noqa: E731
     x_hat = (np64(x) - c(mean)) * c(invstd)

@@ -403,3 +403,16 @@ def test_fast_path_declines_what_it_does_not_handle():
         bn.eval()
         y = bn._forward_fast(torch.randn(2, 3, 4, 4))
     assert y is not None and y.grad_fn is None
+
+
+def test_bias_argument_reaches_torch_only_when_false(monkeypatch):
+    """torch before 2.13 has no ``bias=`` in its batch-norm constructor: the default layer must
+    still build there, and ``bias=False`` must say which torch it needs."""
+    from batchnorm.nn import batchnorm as bn_module
+
+    assert bn_module.torch_bias_kwarg(True, "BatchNormAct2d") == {}
+    assert bn_module.torch_bias_kwarg(False, "BatchNormAct2d") == {"bias": False}
+    monkeypatch.setattr(bn_module, "_TORCH_TAKES_BIAS", False)
+    assert bn_module.torch_bias_kwarg(True, "BatchNormAct2d") == {}
+    with pytest.raises(TypeError, match=r"BatchNormAct2d: bias=False needs torch >= 2.13"):
+        bn_module.torch_bias_kwarg(False, "BatchNormAct2d")

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         action="store_true",
         help="training step of a ResNet-18-style CNN (32x32, batch 64): torch BN+ReLU vs "
-        "batchnorm BN+ReLU vs BatchNormAct2d, and saved activation memory",
+        "batchnorm BN+ReLU vs BatchNormAct2d, and saved activation memory; with --device cuda: torch.nn "
+        "BatchNorm2d vs batchnorm.nn.BatchNorm2d, float32/bfloat16, NCHW/channels-last",
     )
     mode.add_argument(
         "--startup",
@@ -151,8 +152,19 @@ def _cuda(args: argparse.Namespace, console: Any) -> dict | None:
             "False); run it on a machine with an NVIDIA GPU and a CUDA build of torch."
         )
         return None
-    from batchnorm.bench.gpu import run_cuda_suite
+    from batchnorm.bench.gpu import run_cuda_suite, training_step
 
+    if args.model:
+        rows = [
+            training_step(args.batch, 32, args.width, dtype, channels_last, args.repeats)
+            for dtype in ("float32", "bfloat16")
+            for channels_last in (False, True)
+        ]
+        return {
+            "title": f"CUDA: ResNet-18-style training step (width {args.width}, batch {args.batch}, 32x32, "
+            f"median of {args.repeats})",
+            "rows": rows,
+        }
     return {
         "title": f"CUDA: batchnorm vs torch.nn (median of {args.repeats})",
         "rows": run_cuda_suite(repeats=args.repeats),

@@ -47,7 +47,7 @@ from batchnorm._torch_ops import _from_numpy as _tensor
 from batchnorm._torch_ops import _np_as as _numpy
 from batchnorm.kernels import _act_dispatch as _kernels
 from batchnorm.kernels._dispatch import update_running_ as update_running_arrays
-from batchnorm.nn.batchnorm import BatchNormBase, _fast_class
+from batchnorm.nn.batchnorm import BatchNormBase, _fast_class, torch_bias_kwarg
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "batch_norm_act"]
 
@@ -423,9 +423,10 @@ class _BatchNormActMixin(BatchNormBase):
         _kernels._act_code(act, negative_slope)
         if save_memory:
             _check_save_memory(act, negative_slope, None)
-        super().__init__(  # type: ignore[call-arg]
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+        torch_base = torch_bias_kwarg(bias, type(self).__name__)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **torch_base
+        )  # type: ignore[call-arg]
         self.act = act
         self.negative_slope = negative_slope
         self.save_memory = save_memory

@@ -31,6 +31,7 @@ Differences from torch.nn, on purpose (all make errors earlier or state safer):
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +41,7 @@ from batchnorm import _custom_ops, _torch_ops, functional
 from batchnorm.kernels._dispatch import update_running_ as _update_running_arrays
 from batchnorm.kernels._dispatch import update_running_counted_ as _update_running_counted
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "torch_bias_kwarg"]
 
 # ndim -> (layout, the torch class for it)
 _LAYOUTS: dict[int, tuple[str, str]] = {
@@ -57,6 +58,24 @@ _TORCH_NDIMS: tuple[tuple[type, tuple[int, ...]], ...] = (
 
 
 _FAST_DTYPES = (torch.float32, torch.float64)
+
+# torch.nn's batch norms take ``bias=`` from torch 2.13 on (a weight without a bias).
+_TORCH_TAKES_BIAS = "bias" in inspect.signature(nn.modules.batchnorm._NormBase.__init__).parameters
+
+
+def torch_bias_kwarg(bias: bool, where: str) -> dict[str, bool]:
+    """``bias=`` for torch.nn's batch-norm constructor: passed only when False, so that a torch
+    without the argument (before 2.13, e.g. a CUDA build on a GPU machine) builds the default
+    layer, and asks for a newer torch only when a layer without a bias is requested."""
+    if bias:
+        return {}
+    if not _TORCH_TAKES_BIAS:
+        raise TypeError(
+            f"{where}: bias=False needs torch >= 2.13 (torch.nn's batch norm gained the argument "
+            f"there), this is torch {torch.__version__}; upgrade torch or use bias=True"
+        )
+    return {"bias": False}
+
 
 try:
     # What torch.onnx.is_in_onnx_export() reads, without its two function-level imports on

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from batchnorm import _torch_ops as ops
 from batchnorm import functional
-from batchnorm.nn.batchnorm import BatchNormBase
+from batchnorm.nn.batchnorm import BatchNormBase, torch_bias_kwarg
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_batch_norm"]
 
@@ -215,9 +215,10 @@ class _GhostBatchNorm(BatchNormBase):
         bias: bool = True,
     ) -> None:
         self.virtual_batch_size = _check_virtual_batch_size(virtual_batch_size, type(self).__name__)
-        super().__init__(  # type: ignore[call-arg]
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+        torch_base = torch_bias_kwarg(bias, type(self).__name__)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **torch_base
+        )  # type: ignore[call-arg]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"  # type: ignore[misc]

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from batchnorm import _torch_ops as ops
 from batchnorm import functional
-from batchnorm.nn.batchnorm import BatchNormBase
+from batchnorm.nn.batchnorm import BatchNormBase, torch_bias_kwarg
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "batch_renorm", "renorm_limits"]
 
@@ -178,9 +178,8 @@ class _BatchRenorm(BatchNormBase):
             raise ValueError(
                 f"{name}: warmup_steps must be an int >= 0 (0 = no warm-up), got {warmup_steps!r}"
             )
-        super().__init__(  # type: ignore[call-arg]
-            num_features, eps, momentum, affine, True, device, dtype, bias=bias
-        )
+        torch_base = torch_bias_kwarg(bias, type(self).__name__)
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, **torch_base)  # type: ignore[call-arg]
         self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), warmup_steps
         self.register_buffer("renorm_step", torch.tensor(0, dtype=torch.long, device=device))
 

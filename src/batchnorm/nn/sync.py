@@ -40,7 +40,7 @@ from torch import Tensor
 from batchnorm import _torch_ops as ops
 from batchnorm import functional
 from batchnorm.nn import act as act_ops
-from batchnorm.nn.batchnorm import BatchNormBase
+from batchnorm.nn.batchnorm import BatchNormBase, torch_bias_kwarg
 
 __all__ = ["SyncBatchNorm", "combine_stats", "sync_batch_norm"]
 
@@ -290,7 +290,10 @@ class SyncBatchNorm(BatchNormBase, torch.nn.modules.batchnorm._BatchNorm):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        torch_base = torch_bias_kwarg(bias, type(self).__name__)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **torch_base
+        )
         self.process_group = process_group
         self._checked_groups: set[int] = set()
 

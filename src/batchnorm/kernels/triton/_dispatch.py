@@ -3,7 +3,7 @@
 The contract of ``batchnorm.kernels`` on torch tensors (CUDA, or CPU under
 ``TRITON_INTERPRET=1``)::
 
-    forward_train(x, weight, bias, eps)          -> (y, mean, var, invstd)   var biased
+    forward_train(x, weight, bias, eps, running=None) -> (y, mean, var, invstd)   var biased
     normalize(x, mean, invstd, weight, bias)     -> y = (x - mean) * invstd * weight + bias
     channel_stats(x)                             -> (mean, var)
     backward_reduce(dy, x, mean, invstd)         -> (sum_dy, sum_dy_xhat)
@@ -18,8 +18,16 @@ Layouts: a contiguous tensor runs the ``ncs`` kernels on its ``(N, C, S)`` view;
 channel axis is innermost (channels-last, or any ``(N, C)``) runs the ``rc`` kernels on its
 ``(R, C)`` view; anything else is copied to contiguous first. ``dy`` is brought to x's strides.
 
-Block sizes (``LaunchConfig``, reasoned, not yet measured: no GPU in the session that wrote
-this; ``_tune`` can pick among candidates on a GPU):
+Launches: the training forward is two (statistics partials; a normalize pass whose programs
+merge the partials, program k = 0 storing mean/var/invstd and updating the running buffers),
+the backward two (sum partials; dx adding them up), through ``_launch`` (compiled kernels
+reused without Triton's binder). Where the merge work ``C * K^2`` is large (channels-last with
+hundreds of programs per channel block) a separate combine launch is cheaper and is used.
+On an H100 the host time of these launches, not the kernels, limits small layers: see
+docs/benchmarks.md, GPU section, and ``batchnorm._torch_ops.cuda_uses_torch``.
+
+Block sizes (``LaunchConfig``, reasoned; on an H100 they reached 84-92% of the memory-traffic
+bound for float32 NCHW tensors of 200 MB; ``_tune`` can pick among candidates on a GPU):
 
 * A tile is 8 KiB of input per program per loop step (2048 float32, 4096 bf16): with 4 warps
   that is 16 float32 or bf16x16 per thread, enough for 128-bit loads and for the loads of one
@@ -36,19 +44,17 @@ this; ``_tune`` can pick among candidates on a GPU):
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton.language as tl
 
 from batchnorm.kernels.triton import _tune, stats
 from batchnorm.kernels.triton import backward as bwd
 from batchnorm.kernels.triton import forward as fwd
+from batchnorm.kernels.triton._launch import INTERPRETED, launch
 from batchnorm.kernels.triton.act import ACT_CODES
-
-# Kernels are decorated when their modules are imported: this is the mode they run in.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -96,16 +102,34 @@ def _np2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
+_SM_COUNTS: dict[int | None, int] = {}
+
+
 def _sm_count(device: torch.device, config: LaunchConfig) -> int:
     if config.sm_count is not None:
         return config.sm_count
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    if device.type != "cuda":
+        return 1
+    count = _SM_COUNTS.get(device.index)
+    if count is None:
+        count = _SM_COUNTS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return count
+
+
+_PLANS: dict[tuple, Plan] = {}
 
 
 def plan(view: _View, itemsize: int, config: LaunchConfig, device: torch.device) -> Plan:
-    """Block shape and split factor for ``view``; the reasoning is in the module docstring."""
+    """Block shape and split factor for ``view`` (cached: a module calls this every step)."""
+    key = (view.layout, view.n, view.c, view.s, itemsize, config, device)
+    cached = _PLANS.get(key)
+    if cached is None:
+        cached = _PLANS[key] = _make_plan(view, itemsize, config, device)
+    return cached
+
+
+def _make_plan(view: _View, itemsize: int, config: LaunchConfig, device: torch.device) -> Plan:
+    """The reasoning is in the module docstring."""
     tile = max(2, config.tile_bytes // itemsize)
     # 16 elements per thread: bf16 tiles (4096) get 8 warps so the float32 Welford
     # accumulators (3 per element) stay in registers.
@@ -216,92 +240,152 @@ def _config(config: LaunchConfig | None, view: _View) -> LaunchConfig:
     return LaunchConfig()
 
 
-def _stats(view: _View, eps: float, config: LaunchConfig) -> tuple[torch.Tensor, ...]:
-    """(mean, var, invstd) of ``view``: split Welford, then Chan's combine."""
+def _f32_pair(value: float) -> tuple[float, float]:
+    """``(hi, lo)``, both float32-representable, with ``hi + lo == value`` to ~1e-16 relative.
+
+    Triton passes a Python float as a float32 scalar: eps=1e-5 became 9.99999974738e-06, which
+    moved a float64 invstd by up to 1.3e-8 (a constant channel), far outside float64's
+    tolerance. The kernels add both parts in their accumulation dtype.
+    """
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
+
+
+# The normalize / dx programs merge the partials themselves (one launch less) while the merge
+# work, ``C * K * K`` partials read over all programs, stays under this. Above it, channels-last
+# on an H100 measured 140 -> 451 us for the fused normalize of (64, 256, 56, 56) (K = 528): the
+# separate combine launch is cheaper there.
+_MERGE_WORK_LIMIT = 1 << 21
+
+
+def _merges_in_pass(view: _View, p: Plan) -> bool:
+    return view.c * p.split * p.split <= _MERGE_WORK_LIMIT
+
+
+def _merge_block_k(p: Plan) -> int:
+    """BLOCK_K of the partial merges inside the normalize and dx programs: at most 2048 values
+    (``BLOCK_C x BLOCK_K``) in flight per program, next to the tile's registers."""
+    block_c = p.block_b if p.layout == "rc" else 1
+    return max(1, min(_np2(p.split), 64, 2048 // block_c))
+
+
+def _tiling(view: _View, p: Plan) -> tuple[tuple[int, ...], dict[str, int]]:
+    """The kernels' geometry arguments and block sizes for plan ``p`` on ``view``."""
+    if p.layout == "ncs":
+        return (view.n, view.c, view.s, p.per_prog), {"BLOCK_N": p.block_a, "BLOCK_S": p.block_b}
+    return (view.n, view.c, p.per_prog), {"BLOCK_R": p.block_a, "BLOCK_C": p.block_b}
+
+
+def _stat_partials(view: _View, p: Plan) -> torch.Tensor:
+    """Launch the statistics partials of ``view``: ``(3, C * K)`` (mean of x - shift, M2, count)."""
+    x = view.x
+    parts = torch.empty((3, view.c * p.split), dtype=_stat_dtype(x), device=x.device)
+    kernel = stats.stats_ncs_kernel if p.layout == "ncs" else stats.stats_rc_kernel
+    geometry, blocks = _tiling(view, p)
+    launch(kernel, p.grid, (x, *parts, *geometry), p.num_warps, **blocks, ACC=_acc(x))
+    return parts
+
+
+def _running_args(view: _View, running: tuple | None) -> tuple:
+    """Kernel arguments ``(run_mean, run_var, momentum_hi, momentum_lo)`` (unused placeholders
+    without ``running``)."""
+    if running is None:
+        return (view.x, view.x, 0.0, 0.0)
+    run_mean, run_var, momentum = running
+    return (run_mean, run_var, *_f32_pair(momentum))
+
+
+def _stats(
+    view: _View, eps: float, config: LaunchConfig, running: tuple | None = None
+) -> tuple[torch.Tensor, ...]:
+    """(mean, var, invstd) of ``view``: split Welford, then Chan's combine (two launches).
+
+    ``running = (running_mean, running_var, momentum)``: the combine also updates the buffers.
+    """
     x = view.x
     p = plan(view, x.element_size(), config, x.device)
-    acc = _acc(x)
-    parts = torch.empty((3, view.c * p.split), dtype=_stat_dtype(x), device=x.device)
-    if p.layout == "ncs":
-        stats.stats_ncs_kernel[p.grid](
-            x, parts[0], parts[1], parts[2], view.n, view.c, view.s, p.per_prog,
-            BLOCK_N=p.block_a, BLOCK_S=p.block_b, ACC=acc, num_warps=p.num_warps,
-        )  # fmt: skip
-    else:
-        stats.stats_rc_kernel[p.grid](
-            x, parts[0], parts[1], parts[2], view.n, view.c, p.per_prog,
-            BLOCK_R=p.block_a, BLOCK_C=p.block_b, ACC=acc, num_warps=p.num_warps,
-        )  # fmt: skip
+    parts = _stat_partials(view, p)
     out = torch.empty((3, view.c), dtype=_stat_dtype(x), device=x.device)
     block_c, block_k = _combine_blocks(view.c, p.split)
     # First value of each channel: the Welford shift the partial kernels subtracted.
     shift_stride = view.s if p.layout == "ncs" else 1
-    stats.stats_combine_kernel[(math.ceil(view.c / block_c),)](
-        x, parts[0], parts[1], parts[2], out[0], out[1], out[2], view.c, p.split, shift_stride, float(eps),
-        BLOCK_C=block_c, BLOCK_K=block_k, ACC=acc,
+    args = (x, *parts, *out, view.c, p.split, shift_stride, *_f32_pair(eps), *_running_args(view, running))
+    launch(
+        stats.stats_combine_kernel, (math.ceil(view.c / block_c),), args, None,
+        BLOCK_C=block_c, BLOCK_K=block_k, ACC=_acc(x), UPDATE_RUNNING=running is not None,
     )  # fmt: skip
     return out[0], out[1], out[2]
 
 
 def _normalize(
-    view: _View, mean, invstd, weight, bias, act: int, slope: float, config: LaunchConfig
-) -> torch.Tensor:
+    view: _View, mean, invstd, weight, bias, act: int, slope: float, config: LaunchConfig,
+    merge: tuple | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """One pass ``y = act((x - mean) * invstd * weight + bias)``.
+
+    ``merge = (parts, var, eps, running)``: mean, var and invstd are not given but merged from
+    the statistics partials inside the pass and written to ``mean``, ``var``, ``invstd``; with
+    ``running = (running_mean, running_var, momentum)`` the buffers are updated too.
+    """
     x = view.x
     y = torch.empty_like(x)
     p = plan(view, x.element_size(), config, x.device)
-    common = dict(
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act, ACC=_acc(x),
-        num_warps=p.num_warps,
-    )  # fmt: skip
     w = x if weight is None else weight  # never read when HAS_WEIGHT is False
     b = x if bias is None else bias
-    if p.layout == "ncs":
-        fwd.normalize_ncs_kernel[p.grid](
-            x, y, mean, invstd, w, b, float(slope), view.n, view.c, view.s, p.per_prog,
-            BLOCK_N=p.block_a, BLOCK_S=p.block_b, **common,
-        )  # fmt: skip
+    if merge is None:
+        running = None
+        tail = (x, x, x, x, 0.0, 0.0, *_running_args(view, None))  # never read without FROM_PARTIALS
     else:
-        fwd.normalize_rc_kernel[p.grid](
-            x, y, mean, invstd, w, b, float(slope), view.n, view.c, p.per_prog,
-            BLOCK_R=p.block_a, BLOCK_C=p.block_b, **common,
-        )  # fmt: skip
+        parts, var, eps, running = merge
+        tail = (var, *parts, *_f32_pair(eps), *_running_args(view, running))
+    common = dict(
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act, ACC=_acc(x),
+        FROM_PARTIALS=merge is not None, BLOCK_K=_merge_block_k(p), UPDATE_RUNNING=running is not None,
+    )  # fmt: skip
+    kernel = fwd.normalize_ncs_kernel if p.layout == "ncs" else fwd.normalize_rc_kernel
+    geometry, blocks = _tiling(view, p)
+    launch(kernel, p.grid, (x, y, mean, invstd, w, b, float(slope), *geometry, *tail), p.num_warps, **blocks,
+           **common)  # fmt: skip
     return y
 
 
 def _backward_launch(
     kind: str, view: _View, dy, mean, invstd, weight, bias, act, slope, from_output, config, extra
 ):
-    """Launch ``backward_reduce_*`` (kind "reduce") or ``backward_dx_*`` (kind "dx") on view."""
+    """Launch ``backward_reduce_*`` (kind "reduce": the sums), ``backward_dx_*`` (kind "dx",
+    ``extra = (sum_dz, sum_dz_xhat, count)``), or both (kind "both": dx adds up the reduce's
+    partials itself, no combine launch; returns ``(dx, sum_dz, sum_dz_xhat)``)."""
     v = view.x
     p = plan(view, max(v.element_size(), dy.element_size()), config, v.device)
     common = dict(
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACT=act, FROM_OUTPUT=from_output,
-        ACC=_acc(v), num_warps=p.num_warps,
+        ACC=_acc(v),
     )  # fmt: skip
     w = v if weight is None else weight
     b = v if bias is None else bias
-    if kind == "reduce":
+    ncs = p.layout == "ncs"
+    geometry, blocks = _tiling(view, p)
+    if kind != "dx":
         parts = torch.empty((2, view.c * p.split), dtype=_stat_dtype(v), device=v.device)
-        args = (dy, v, mean, invstd, w, b, float(slope), parts[0], parts[1])
+        kernel = bwd.backward_reduce_ncs_kernel if ncs else bwd.backward_reduce_rc_kernel
+        args = (dy, v, mean, invstd, w, b, float(slope), parts[0], parts[1], *geometry)
+        launch(kernel, p.grid, args, p.num_warps, **blocks, **common)
+        sums = torch.empty((2, view.c), dtype=_stat_dtype(v), device=v.device)
+        if kind == "reduce":
+            block_c, block_k = _combine_blocks(view.c, p.split)
+            grid = (math.ceil(view.c / block_c),)
+            args = (*parts, *sums, view.c, p.split)
+            launch(bwd.sums_combine_kernel, grid, args, None, BLOCK_C=block_c, BLOCK_K=block_k, ACC=_acc(v))
+            return sums[0], sums[1]
+        extra = (sums[0], sums[1], view.count)
     else:
-        dx = torch.empty_like(v)
-        args = (dy, v, dx, mean, invstd, w, b, float(slope), extra[0], extra[1], 1.0 / extra[2])
-    if p.layout == "ncs":
-        kernel = bwd.backward_reduce_ncs_kernel if kind == "reduce" else bwd.backward_dx_ncs_kernel
-        kernel[p.grid](
-            *args, view.n, view.c, view.s, p.per_prog, BLOCK_N=p.block_a, BLOCK_S=p.block_b, **common
-        )
-    else:
-        kernel = bwd.backward_reduce_rc_kernel if kind == "reduce" else bwd.backward_dx_rc_kernel
-        kernel[p.grid](*args, view.n, view.c, p.per_prog, BLOCK_R=p.block_a, BLOCK_C=p.block_b, **common)
-    if kind == "dx":
-        return dx
-    sums = torch.empty((2, view.c), dtype=_stat_dtype(v), device=v.device)
-    block_c, block_k = _combine_blocks(view.c, p.split)
-    bwd.sums_combine_kernel[(math.ceil(view.c / block_c),)](
-        parts[0], parts[1], sums[0], sums[1], view.c, p.split, BLOCK_C=block_c, BLOCK_K=block_k, ACC=_acc(v)
-    )
-    return sums[0], sums[1]
+        parts = (v, v)  # never read without FROM_PARTIALS
+    dx = torch.empty_like(v)
+    kernel = bwd.backward_dx_ncs_kernel if ncs else bwd.backward_dx_rc_kernel
+    args = (dy, v, dx, mean, invstd, w, b, float(slope), *extra, *geometry, parts[0], parts[1])
+    launch(kernel, p.grid, args, p.num_warps, **blocks, **common, FROM_PARTIALS=kind == "both",
+           BLOCK_K=_merge_block_k(p))  # fmt: skip
+    return dx if kind == "dx" else (dx, extra[0], extra[1])
 
 
 def act_code(act: str | int) -> int:
@@ -329,11 +413,15 @@ def channel_stats(
 
 def forward_train(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-    *, config: LaunchConfig | None = None,
+    *, running: tuple | None = None, config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Training forward with batch statistics: ``(y, mean, var, invstd)``, var biased::
 
         invstd = 1 / sqrt(var + eps),  y = (x - mean) * invstd * weight + bias
+
+    ``running = (running_mean, running_var, momentum)``: also updates those buffers in place,
+    inside the kernels, as torch.nn does (``(1 - momentum) * running + momentum * batch``, the
+    variance unbiased by ``m / (m - 1)``).
 
     Shape:
         x, y: ``(N, C, *spatial)`` (y keeps x's dtype and memory format); the rest ``(C,)``.
@@ -342,7 +430,19 @@ def forward_train(
         raise ValueError(f"eps: expected a number >= 0, got {eps}")
     view = _view(x)
     weight, bias = _channel_vector("weight", weight, view), _channel_vector("bias", bias, view)
-    return _forward_act(view, weight, bias, eps, 0, 0.0, _config(config, view))
+    return _forward_act(view, weight, bias, eps, 0, 0.0, _config(config, view), _running(running, view))
+
+
+def _running(running: tuple | None, view: _View) -> tuple | None:
+    """Checked ``(running_mean, running_var, momentum)``: buffers updated in place must be dense."""
+    if running is None:
+        return None
+    run_mean, run_var, momentum = running
+    for name, t in (("running_mean", run_mean), ("running_var", run_var)):
+        _channel_vector(name, t, view)
+        if not t.is_contiguous() or t.requires_grad:
+            raise ValueError(f"{name}: expected a contiguous buffer without requires_grad (updated in place)")
+    return run_mean, run_var, float(momentum)
 
 
 def normalize(
@@ -432,16 +532,32 @@ def backward(
     )
 
 
-def _forward_act(view: _View, weight, bias, eps: float, code: int, slope: float, cfg: LaunchConfig):
-    mean, var, invstd = _stats(view, eps, cfg)
-    y = _normalize(view, mean, invstd, weight, bias, code, slope, cfg)
+def _forward_act(
+    view: _View, weight, bias, eps: float, code: int, slope: float, cfg: LaunchConfig,
+    running: tuple | None = None,
+):  # fmt: skip
+    """Training forward in two launches: the statistics partials, then a normalize pass whose
+    programs merge them (a launch costs ~30 us of host time, more than a small layer's kernels)."""
+    x = view.x
+    p = plan(view, x.element_size(), cfg, x.device)
+    if not _merges_in_pass(view, p):
+        mean, var, invstd = _stats(view, eps, cfg, running)
+        return _normalize(view, mean, invstd, weight, bias, code, slope, cfg), mean, var, invstd
+    parts = _stat_partials(view, p)
+    mean, var, invstd = torch.empty((3, view.c), dtype=_stat_dtype(x), device=x.device)
+    y = _normalize(view, mean, invstd, weight, bias, code, slope, cfg, merge=(parts, var, eps, running))
     return y, mean, var, invstd
 
 
 def _backward_act(view: _View, dy, mean, invstd, weight, bias, code, slope, from_output, cfg: LaunchConfig):
-    sums = _backward_launch("reduce", view, dy, mean, invstd, weight, bias, code, slope, from_output, cfg, ())
-    dx = _backward_launch(
-        "dx", view, dy, mean, invstd, weight, bias, code, slope, from_output, cfg, (*sums, view.count)
+    """Training backward in two launches: the sums' partials, then dx (which adds them up)."""
+    p = plan(view, max(view.x.element_size(), dy.element_size()), cfg, view.x.device)
+    if not _merges_in_pass(view, p):
+        args = (view, dy, mean, invstd, weight, bias, code, slope, from_output, cfg)
+        sum_dz, sum_dz_xhat = _backward_launch("reduce", *args, ())
+        dx = _backward_launch("dx", *args, (sum_dz, sum_dz_xhat, view.count))
+        return dx, sum_dz_xhat, sum_dz
+    dx, sum_dz, sum_dz_xhat = _backward_launch(
+        "both", view, dy, mean, invstd, weight, bias, code, slope, from_output, cfg, ()
     )
-    sum_dz, sum_dz_xhat = sums
     return dx, sum_dz_xhat, sum_dz

@@ -124,18 +124,12 @@ def stats_rc_kernel(
 
 
 @triton.jit
-def stats_combine_kernel(
-    x_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, var_ptr, invstd_ptr,
-    C, K, shift_stride, eps,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
-    """Merge the K partials of channels ``cb*BLOCK_C...``; add back the shift ``x[shift_stride*c]``."""
-    cb = tl.program_id(0)
-    ch = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    ch_mask = ch < C
-    mean = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
-    count = tl.zeros([BLOCK_C], ACC)
+def merge_partials(part_mean_ptr, part_m2_ptr, part_count_ptr, ch, ch_mask, K,
+                   BLOCK_K: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Chan-merge the K partials ``c * K + k`` of channels ``ch``: (mean of x - shift, M2, count)."""
+    mean = tl.zeros(ch.shape, ACC)
+    m2 = tl.zeros(ch.shape, ACC)
+    count = tl.zeros(ch.shape, ACC)
     ks = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         mask = ch_mask[:, None] & (k0 + ks < K)[None, :]
@@ -145,8 +139,56 @@ def stats_combine_kernel(
         p_count = tl.load(part_count_ptr + offs, mask=mask, other=0)
         b_mean, b_m2, b_count = tl.reduce((p_mean, p_m2, p_count), 1, welford_combine)
         mean, m2, count = welford_combine(mean, m2, count, b_mean, b_m2, b_count)
+    return mean, m2, count
+
+
+@triton.jit
+def finish_stats(x_ptr, mean, m2, count, ch, ch_mask, shift_stride, eps_hi, eps_lo, ACC: tl.constexpr):
+    """(mean, var, invstd) from a merged summary: add back the shift ``x[shift_stride * c]``.
+
+    ``eps = eps_hi + eps_lo``, two float32 scalars (see ``_dispatch._f32_pair``).
+    """
     shift = tl.load(x_ptr + ch.to(tl.int64) * shift_stride, mask=ch_mask, other=0).to(ACC)
     var = m2 / tl.maximum(count, 1)  # masked channels have count 0
-    tl.store(mean_ptr + ch, mean + shift, mask=ch_mask)
+    var_eps = tl.where(ch_mask, (var + eps_hi) + eps_lo, 1)
+    return mean + shift, var, 1 / tl.sqrt(var_eps)
+
+
+@triton.jit
+def update_running(run_mean_ptr, run_var_ptr, mean, var, count, ch, ch_mask, momentum_hi, momentum_lo,
+                   ACC: tl.constexpr):  # fmt: skip
+    """``running <- (1 - m) * running + m * batch``, with the unbiased ``var * count / (count - 1)``.
+
+    torch.nn's update, in place on the buffers (any float dtype), computed in ``ACC``; the
+    momentum comes as two float32 parts like eps. One launch instead of four torch ops, whose
+    host time (~10 us each on an H100 host) exceeded the kernels' on small layers.
+    """
+    m = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
+    run_mean = tl.load(run_mean_ptr + ch, mask=ch_mask, other=0)
+    run_var = tl.load(run_var_ptr + ch, mask=ch_mask, other=0)
+    unbiased = var * count / tl.maximum(count - 1, 1)
+    new_mean = run_mean.to(ACC) * (1 - m) + mean * m
+    new_var = run_var.to(ACC) * (1 - m) + unbiased * m
+    tl.store(run_mean_ptr + ch, new_mean.to(run_mean.dtype), mask=ch_mask)
+    tl.store(run_var_ptr + ch, new_var.to(run_var.dtype), mask=ch_mask)
+
+
+@triton.jit
+def stats_combine_kernel(
+    x_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, var_ptr, invstd_ptr,
+    C, K, shift_stride, eps_hi, eps_lo, run_mean_ptr, run_var_ptr, momentum_hi, momentum_lo,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+):  # fmt: skip
+    """Merge the K partials of channels ``cb*BLOCK_C...`` into their mean, var and invstd (and
+    update the running buffers with them when ``UPDATE_RUNNING``)."""
+    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ch_mask = ch < C
+    mean, m2, count = merge_partials(part_mean_ptr, part_m2_ptr, part_count_ptr, ch, ch_mask, K, BLOCK_K, ACC)
+    mean, var, invstd = finish_stats(x_ptr, mean, m2, count, ch, ch_mask, shift_stride, eps_hi, eps_lo, ACC)
+    if UPDATE_RUNNING:
+        update_running(
+            run_mean_ptr, run_var_ptr, mean, var, count, ch, ch_mask, momentum_hi, momentum_lo, ACC
+        )
+    tl.store(mean_ptr + ch, mean, mask=ch_mask)
     tl.store(var_ptr + ch, var, mask=ch_mask)
-    tl.store(invstd_ptr + ch, 1 / tl.sqrt(tl.where(ch_mask, var + eps, 1)), mask=ch_mask)
+    tl.store(invstd_ptr + ch, invstd, mask=ch_mask)
