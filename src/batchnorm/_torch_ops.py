@@ -63,6 +63,11 @@ def cuda_uses_torch(x: torch.Tensor) -> bool:
     return x.numel() // x.shape[1] < CUDA_TRITON_MIN_COUNT
 
 
+def torch_kernel_route(x: torch.Tensor) -> bool:
+    """True when ``x`` runs torch's own batch norm: a CUDA tensor for which ``cuda_uses_torch``."""
+    return x.is_cuda and cuda_uses_torch(x)
+
+
 def _backend(x: torch.Tensor) -> Any:
     if x.device.type == "cpu" and not triton_on_cpu():
         return None

@@ -277,7 +277,7 @@ def _batch_norm_torch(
     count = count_per_channel(tuple(x.shape))
     if count == 0:
         return _empty_output(x, weight, bias)
-    if x.is_cuda and _torch_ops.cuda_uses_torch(x) and not _custom_ops._tracing():
+    if _torch_ops.torch_kernel_route(x) and not _custom_ops._tracing():
         import torch
 
         # torch's own CUDA kernel where it is the faster one (see _torch_ops.CUDA_TRITON_MIN_COUNT);

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from batchnorm import _torch_ops
+from batchnorm import _custom_ops, _torch_ops
 from batchnorm._torch_ops import _compute_dtype
 from batchnorm._torch_ops import _from_numpy as _tensor
 from batchnorm._torch_ops import _np_as as _numpy
@@ -364,6 +364,9 @@ def _batch_norm_act(
             return _activate(z, act, negative_slope)
         if x.numel() == 0:
             return x.clone()
+        if _torch_ops.torch_kernel_route(x):
+            return _activate(F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps), act,
+                             negative_slope)  # fmt: skip
         gpu = _torch_ops._backend(x)
         if gpu is not None:
             return gpu.forward_inference_act(
@@ -378,6 +381,11 @@ def _batch_norm_act(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}; "
             "use a batch of at least 2 samples, or eval mode"
         )
+    if not save_memory and _torch_ops.torch_kernel_route(x) and not _custom_ops._tracing():
+        # torch's CUDA batch norm where it measured faster than the Triton kernels (see
+        # _torch_ops.CUDA_TRITON_MIN_COUNT), then the activation: two kernels, not one
+        z = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+        return _activate(z, act, negative_slope)
     y, mean, var = _train(x, weight, bias, eps, act, negative_slope, save_memory)
     if running_mean is not None and running_var is not None:
         # Bessel's correction: the running estimate is of the population variance.
