@@ -287,21 +287,24 @@ def _batch_norm_torch(
         )
     if not training:
         return _custom_ops.batch_norm_inference(x, running_mean, running_var, weight, bias, eps)
-    tracks = running_mean is not None and running_var is not None
-    # buffers the kernels can update in place (the general path handles any others)
-    in_place = not tracks or not (
-        running_mean.requires_grad
-        or running_var.requires_grad
-        or not running_mean.is_contiguous()
-        or not running_var.is_contiguous()
-    )
-    if in_place and _custom_ops.triton_eager(x):
+    if _custom_ops.triton_eager(x) and _updatable_in_place(running_mean, running_var):
+        tracks = running_mean is not None and running_var is not None
         running = (running_mean, running_var, momentum) if tracks else None
         return _custom_ops.train_triton(x, weight, bias, eps, running)
     y, mean, var, _ = _custom_ops.batch_norm_train(x, weight, bias, eps)
     if running_mean is not None and running_var is not None:
         update_running_(running_mean, running_var, mean, var, count, cast(float, momentum))
     return y
+
+
+def _updatable_in_place(running_mean: Any, running_var: Any) -> bool:
+    """Whether the Triton kernels can update these running buffers in place (or there are none);
+    the general path handles any others."""
+    if running_mean is None or running_var is None:
+        return True
+    return not (running_mean.requires_grad or running_var.requires_grad) and (
+        running_mean.is_contiguous() and running_var.is_contiguous()
+    )
 
 
 def update_running_(
