@@ -41,8 +41,8 @@ def triton_on_cpu() -> bool:
 
 # Per-channel value count from which the Triton kernels beat torch's own CUDA batch norm
 # (cuDNN) on a contiguous (N, C, *spatial) tensor: on an H100, forward+backward per call,
-# (64, 64, 112, 112) (802k values a channel) 1.65x in float32 and 2.9x in bfloat16,
-# (256, 3, 224, 224) (12.8M) 18x and 40x; at 200k values (56x56 images, batch 64) and on every
+# (64, 64, 112, 112) (802k values a channel) 1.9x in float32 and 2.4x in bfloat16,
+# (256, 3, 224, 224) (12.8M) 24x and 30x; at 200k values (56x56 images, batch 64) and on every
 # channels-last or (N, C) shape, torch was faster, by up to 10x on small layers: the ~100 us
 # of Python host time per Triton forward exceeds those layers' GPU time.
 CUDA_TRITON_MIN_COUNT = 1 << 19
