@@ -26,7 +26,13 @@ import triton
 
 # Kernels are decorated when their modules are imported: this is the mode they run in.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_ENABLED = not INTERPRETED and os.environ.get("BATCHNORM_TRITON_DIRECT_LAUNCH", "1") not in ("", "0")
+# The launcher's calling convention used below is the one of Triton 3.4+ (``triton.knobs``),
+# checked on 3.6 (H100) and 3.9; older Tritons take ``run`` only.
+_ENABLED = (
+    not INTERPRETED
+    and hasattr(triton, "knobs")
+    and os.environ.get("BATCHNORM_TRITON_DIRECT_LAUNCH", "1") not in ("", "0")
+)
 _COMPILED: dict[tuple, Any] = {}
 _INT32 = range(-(2**31), 2**31)
 
