@@ -432,11 +432,13 @@ def test_small_rows_shortcut_is_the_general_path_bit_for_bit(rng, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(64, 16), (3, 1), (300, 7), (9, 4, 5, 5), (4096, 16)])
+@pytest.mark.parametrize("shape", [(64, 16), (3, 1), (300, 7), (9, 4, 5, 5), (4096, 16), (1024, 96)])
 @pytest.mark.parametrize("affine", [True, False])
 def test_normalize_running_matches_reference_and_normalize(rng, shape, dtype, affine):
-    # Small C-contiguous (N, C) arrays take the one-call kernel (normalize_running_rows), the
-    # rest normalize() after invstd in NumPy: both give normalize's bits with invstd in float64.
+    # Small C-contiguous (N, C) arrays, and larger ones of >= 64 channels (here (1024, 96)),
+    # take the one-call kernel (normalize_running_rows), the rest normalize() after invstd in
+    # NumPy: both give normalize's bits with invstd in float64; normalize runs (1024, 96) on
+    # the parallel rows kernel.
     x = make(rng, shape, dtype, "contiguous", loc=1e4 if dtype == np.float64 else 50.0, scale=2.0)
     c = shape[1]
     running_mean = (x.mean(axis=tuple(i for i in range(x.ndim) if i != 1)) + 0.3).astype(dtype)
@@ -526,3 +528,20 @@ def test_stale_numba_caches_are_dropped_when_a_kernel_source_changes(tmp_path):
     (tmp_path / "stats.py").write_text("A = 2\n")  # a helper edited in another file
     assert _jit.drop_stale_caches(tmp_path)
     assert not compiled[0].exists()
+
+
+@pytest.mark.parametrize(
+    "shape, one_call",
+    [((64, 16), True), ((1024, 96), True), ((4096, 128), False), ((8192, 32), False), ((2048, 64), True)],
+)
+def test_prediction_on_rows_takes_the_one_call_kernel_below_its_limit(monkeypatch, shape, one_call):
+    # Rows of >= 64 channels below _SERIAL_EVAL_MAX elements (524288) run the one-call kernel;
+    # (8192, 32) would be regrouped for the parallel path, (4096, 128) is at the limit.
+    calls = []
+    kernel = _dispatch.normalize_running_rows
+    monkeypatch.setattr(_dispatch, "normalize_running_rows", lambda *a: calls.append(1) or kernel(*a))
+    x = np.ones(shape, np.float32)
+    c = shape[1]
+    y = kernels.normalize_running(x, np.full(c, 1.0, np.float32), np.full(c, 4.0, np.float32), 0.0)
+    assert len(calls) == int(one_call)
+    np.testing.assert_array_equal(y, np.zeros(shape, np.float32))

@@ -140,15 +140,18 @@ def test_inference_matches_reference(shape, name, act, rng, block_bytes):
 @pytest.mark.parametrize("act", list(dispatch.ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("affine", [True, False])
-def test_small_rows_inference_shortcut_is_the_general_path_bit_for_bit(act, dtype, affine, rng):
-    # A small C-contiguous (N, C) input with (C,) vectors of its dtype takes the one-call
-    # kernel (normalize_act_running_rows); lists for gamma/beta take the general path.
-    x = (rng.normal(size=(64, 16)) * 3 + 2).astype(dtype)
-    running_mean = rng.normal(size=16).astype(dtype)
-    running_var = rng.uniform(0.5, 2.0, 16).astype(dtype)
-    gamma, beta = rng.normal(size=(2, 16)).astype(dtype) if affine else (None, None)
+@pytest.mark.parametrize("shape", [(64, 16), (1024, 96)])
+def test_small_rows_inference_shortcut_is_the_general_path_bit_for_bit(act, dtype, affine, shape, rng):
+    # A small C-contiguous (N, C) input, or a larger one of >= 64 channels, with (C,) vectors
+    # of its dtype takes the one-call kernel (normalize_act_running_rows); lists for
+    # gamma/beta take the general path (parallel for (1024, 96)).
+    c = shape[1]
+    x = (rng.normal(size=shape) * 3 + 2).astype(dtype)
+    running_mean = rng.normal(size=c).astype(dtype)
+    running_var = rng.uniform(0.5, 2.0, c).astype(dtype)
+    gamma, beta = rng.normal(size=(2, c)).astype(dtype) if affine else (None, None)
     fast = dispatch.forward_inference(x, gamma, beta, running_mean, running_var, 1e-5, act, SLOPE)
-    as_lists = (list(gamma), list(beta)) if affine else ([1.0] * 16, [0.0] * 16)
+    as_lists = (list(gamma), list(beta)) if affine else ([1.0] * c, [0.0] * c)
     general = dispatch.forward_inference(x, *as_lists, running_mean, running_var, 1e-5, act, SLOPE)
     assert fast.dtype == x.dtype
     np.testing.assert_array_equal(fast, general)

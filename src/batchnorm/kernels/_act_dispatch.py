@@ -339,13 +339,13 @@ def forward_inference(
     """Prediction forward: ``y = act(gamma (x - running_mean) / sqrt(running_var + eps) + beta)``."""
     dispatch = _dispatch()
     if (
-        dispatch._small_rows(x)
+        dispatch._serial_eval_rows(x)
         and dispatch._plain(running_mean, x)
         and dispatch._plain(running_var, x)
         and dispatch._plain(gamma, x)
         and dispatch._plain(beta, x)
     ):
-        y = np.empty_like(x)
+        y = dispatch._rows_output(x)
         code = _act_code(act, slope)
         _kernels().normalize_act_running_rows(
             x, running_mean, running_var, float(eps), gamma, beta, code, float(slope), y

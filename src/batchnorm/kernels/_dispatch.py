@@ -37,6 +37,7 @@ import sys
 import numba
 import numpy as np
 
+from batchnorm.kernels import _buffers
 from batchnorm.kernels._layout import (
     ROWS,
     _check_x,
@@ -150,6 +151,16 @@ def _use_threads(size: int) -> int:
     return threads
 
 
+# Prediction on C-contiguous (N, C) rows of at least _WIDE_ROW channels (nothing to regroup)
+# runs the one-call single-thread kernel below this many elements, not the parallel path: its
+# layout set-up (~20 us of Python) and the parallel region cost more than a second thread saves
+# there. BatchNorm1d eval module call, 2 threads, medians of 200 calls, three rounds: (256, 1024)
+# 79-94 -> 53-74 us, (2048, 256) 146-161 -> 89-109 us, (512, 1024) 136-154 -> 83-117 us (torch
+# 74-89, 96-124, 102-149); at (4096, 256) the parallel path wins (120-130 vs 145-175 us). The
+# training paths measured mixed at these sizes and keep _PARALLEL_MIN.
+_SERIAL_EVAL_MAX = 1 << 19
+
+
 def _small_rows(x: object) -> bool:
     """A non-empty C-contiguous float32/float64 ``(N, C)`` array below _PARALLEL_MIN elements.
 
@@ -166,6 +177,24 @@ def _small_rows(x: object) -> bool:
         and 0 < x.size < _PARALLEL_MIN
         and x.flags.c_contiguous
     )
+
+
+def _serial_eval_rows(x: object) -> bool:
+    """Prediction's one-call kernel applies: ``_small_rows``, or rows of at least _WIDE_ROW
+    channels below _SERIAL_EVAL_MAX elements (see there)."""
+    return _small_rows(x) or (
+        type(x) is np.ndarray
+        and x.ndim == 2
+        and x.dtype.char in "fd"
+        and x.shape[1] >= _WIDE_ROW
+        and x.size < _SERIAL_EVAL_MAX
+        and x.flags.c_contiguous
+    )
+
+
+def _rows_output(x: np.ndarray) -> np.ndarray:
+    """An uninitialized output like the C-contiguous x: from the buffer cache when it is large."""
+    return np.empty_like(x) if x.nbytes < _buffers.MIN_BYTES else _buffers.empty(x.shape, x.dtype)
 
 
 def _k(kernel, threads: int):  # type: ignore[no-untyped-def]
@@ -394,13 +423,13 @@ def normalize_running(
     ``invstd`` is formed in float64. Shape: x, y: ``(N, C, *spatial)``; the vectors ``(C,)``.
     """
     if (
-        _small_rows(x)
+        _serial_eval_rows(x)
         and _plain(running_mean, x)
         and _plain(running_var, x)
         and _plain(gamma, x)
         and _plain(beta, x)
     ):
-        y = np.empty_like(x)
+        y = _rows_output(x)
         normalize_running_rows(x, running_mean, running_var, float(eps), gamma, beta, y)
         return y
     with np.errstate(all="ignore"):  # a negative running_var gives NaN silently, as in torch
