@@ -129,6 +129,23 @@ def test_cli_smoke_writes_json_and_png(tmp_path, capsys):
     assert "geometric mean" in printed
 
 
+@pytest.mark.parametrize("number, expected", [("3", {3}), ("auto", None)])
+def test_cli_samples_of_several_calls(number, expected, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    argv = ["bench", "--shapes", "8x4", "--modes", "eval", "--repeats", "2", "--impls", "torch,batchnorm"]
+    assert cli.main([*argv, "--number", number, "--json", str(out_json)]) == 0
+    data = json.loads(out_json.read_text())
+    (row,) = data["suite"]["results"]
+    counts = {row["calls_per_sample"]}
+    assert counts == expected if expected else 1 <= row["calls_per_sample"] <= 1000
+    assert data["suite"]["number"] == (int(number) if number.isdigit() else number)
+    assert all(len(s) == 2 for s in row["samples_s"].values())
+    # the allocator state the run was measured in is part of the record
+    assert data["machine"]["allocator"] and data["config"]["allocator"] == "steady"
+    printed = capsys.readouterr().out
+    assert "ms per call" in printed and "calls/sample" in printed
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -139,6 +156,8 @@ def test_cli_smoke_writes_json_and_png(tmp_path, capsys):
         (["--modes", "train,infer"], "--modes: unknown"),
         (["--model", "--batch", "0"], "--batch: expected a positive integer, got 0"),
         (["--fold", "--width", "-1"], "--width: expected a positive integer, got -1"),
+        (["--number", "0"], "--number: expected a positive integer or 'auto', got '0'"),
+        (["--number", "fast"], "--number: expected a positive integer or 'auto', got 'fast'"),
     ],
 )
 def test_cli_rejects_bad_options_with_a_message_not_a_traceback(argv, message, capsys):

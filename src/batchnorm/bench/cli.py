@@ -32,6 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=int, default=15, help="timed repeats per measurement (>= 15 for records)"
     )
     parser.add_argument(
+        "--number",
+        default="1",
+        help="consecutive calls per timed sample: 1 (each call between the other implementations' "
+        "calls, the default) or a count, or 'auto' (about 1 ms of the fastest per sample)",
+    )
+    parser.add_argument(
+        "--allocator",
+        default="steady",
+        choices=("steady", "default"),
+        help="steady: glibc malloc's thresholds fixed where a long-running process has them "
+        "(torch.nn's outputs then reuse freed memory whatever ran before); default: leave them",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="threads for torch and the numba kernels (default: torch's)"
     )
     parser.add_argument("--json", metavar="FILE", help="write the results, configuration and machine as JSON")
@@ -92,6 +105,8 @@ def _checked_options(args: argparse.Namespace) -> tuple[list, list[str], list[st
     for option in ("width", "batch"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option}: expected a positive integer, got {getattr(args, option)}")
+    if args.number != "auto" and not (args.number.isdigit() and int(args.number) >= 1):
+        raise ValueError(f"--number: expected a positive integer or 'auto', got {args.number!r}")
     cases = parse_shapes(args.shapes)
     modes = _split(args.modes, MODES, "--modes")
     impls = _split(args.impls, IMPLEMENTATIONS, "--impls")
@@ -107,7 +122,14 @@ def _suite(args: argparse.Namespace, plan: tuple, console: Any, payload: dict) -
     cases, modes, impls = plan
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("measuring", total=len(cases) * len(modes))
-        suite = run_suite(cases, impls, modes, args.repeats, progress=lambda: progress.advance(task))
+        suite = run_suite(
+            cases,
+            impls,
+            modes,
+            args.repeats,
+            progress=lambda: progress.advance(task),
+            number=args.number if args.number == "auto" else int(args.number),
+        )
     measured = suite["bandwidth_samples_Bps"]
     spread = (
         f", median of {len(measured)} measurements, one before each shape: "
@@ -186,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"batchnorm bench: {err}") from None
     _set_threads(args.threads)
     info = timing.machine()
+    if args.device == "cpu":
+        info["allocator"] = timing.steady_allocator() if args.allocator == "steady" else "default"
     config = {k: v for k, v in vars(args).items() if k not in ("json", "plot")}
     console.print(f"[bold]machine[/bold]: {timing.machine_line(info)}")
     console.print(f"[bold]config[/bold]: {config}")

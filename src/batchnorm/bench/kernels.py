@@ -17,6 +17,7 @@ def run_suite(
     repeats: int = 15,
     bandwidth: float | None = None,
     progress: Any = None,
+    number: int | str = 1,
 ) -> dict[str, Any]:
     """Measure; returns ``{"bandwidth", "results": [...], "geomean": {...}, "skipped": [...]}``.
 
@@ -26,6 +27,10 @@ def run_suite(
     Without a given ``bandwidth`` the copy bandwidth is measured before every case and the
     bound uses their median: on a shared machine one measurement is a snapshot (six in a row,
     seconds apart, gave 29.6-49.3 GB/s here), and the run's phases should all count.
+
+    ``number``: consecutive calls per timed sample (``timing.interleaved``), or ``"auto"`` for
+    about 1 ms of the fastest implementation per sample, chosen per case and mode (recorded in
+    each row as ``calls_per_sample``).
     """
     samples_bps: list[float] = []
     results, skipped, row_cases = [], [], []
@@ -47,7 +52,8 @@ def run_suite(
                             "reason": f"{type(err).__name__}: {err}",
                         }
                     )
-            samples = timing.interleaved(calls, repeats)
+            per_sample = timing.calls_per_sample(calls) if number == "auto" else int(number)
+            samples = timing.interleaved(calls, repeats, number=per_sample)
             med = {name: timing.median(s) for name, s in samples.items()}
             results.append(
                 {
@@ -57,6 +63,7 @@ def run_suite(
                     "label": case.label,
                     "mode": mode,
                     "bytes": case.nbytes,
+                    "calls_per_sample": per_sample,
                     "median_s": med,
                     "samples_s": samples,
                     "speedup": {
@@ -77,6 +84,7 @@ def run_suite(
         "bandwidth_Bps": bandwidth,
         "bandwidth_samples_Bps": samples_bps,
         "repeats": repeats,
+        "number": number,
         "results": results,
         "geomean": geomeans(results),
         "skipped": skipped,

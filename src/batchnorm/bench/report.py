@@ -34,8 +34,13 @@ def suite_tables(suite: dict[str, Any]) -> list[Any]:
         if not rows:
             continue
         names = list(rows[0]["median_s"])
-        table = Table(title=f"{title} (median of {suite['repeats']}, ms)")
+        # samples of several consecutive calls (--number): their count per row
+        counts = any(r.get("calls_per_sample", 1) != 1 for r in rows)
+        unit = "ms per call" if counts else "ms"
+        table = Table(title=f"{title} (median of {suite['repeats']}, {unit})")
         table.add_column("shape")
+        if counts:
+            table.add_column("calls/sample", justify="right")
         table.add_column("MB", justify="right")
         table.add_column("bound", justify="right")
         for n in names:
@@ -47,7 +52,8 @@ def suite_tables(suite: dict[str, Any]) -> list[Any]:
             if n in names:
                 table.add_column(f"{SHORT[n]} %bnd", justify="right")
         for r in rows:
-            cells = [r["label"], f"{r['bytes'] / 1e6:.1f}", _ms(r["bound_s"])]
+            cells = [r["label"], *([str(r.get("calls_per_sample", 1))] if counts else [])]
+            cells += [f"{r['bytes'] / 1e6:.1f}", _ms(r["bound_s"])]
             cells += [_ms(r["median_s"].get(n)) for n in names]
             cells += [f"{r['speedup'][n]:.2f}x" if n in r["speedup"] else "-" for n in speedups]
             cells += [
@@ -59,6 +65,7 @@ def suite_tables(suite: dict[str, Any]) -> list[Any]:
         geo = suite["geomean"].get(mode, {})
         table.add_row(
             "geometric mean",
+            *([""] if counts else []),
             "",
             "",
             *([""] * len(names)),
