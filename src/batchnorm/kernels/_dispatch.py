@@ -161,8 +161,8 @@ def _use_threads(size: int) -> int:
 _SERIAL_EVAL_MAX = 1 << 19
 
 
-def _small_rows(x: object) -> bool:
-    """A non-empty C-contiguous float32/float64 ``(N, C)`` array below _PARALLEL_MIN elements.
+def _small_rows(x: object, limit: int = _PARALLEL_MIN) -> bool:
+    """A non-empty C-contiguous float32/float64 ``(N, C)`` array below ``limit`` (_PARALLEL_MIN) elements.
 
     Such an input is its own canonical rows view, is not regrouped (``_widen``) and runs on one
     thread, so the functions below call the ``.serial`` kernel directly, skipping the layout
@@ -174,7 +174,7 @@ def _small_rows(x: object) -> bool:
         type(x) is np.ndarray
         and x.ndim == 2
         and x.dtype.char in "fd"
-        and 0 < x.size < _PARALLEL_MIN
+        and 0 < x.size < limit
         and x.flags.c_contiguous
     )
 
@@ -182,14 +182,7 @@ def _small_rows(x: object) -> bool:
 def _serial_eval_rows(x: object) -> bool:
     """Prediction's one-call kernel applies: ``_small_rows``, or rows of at least _WIDE_ROW
     channels below _SERIAL_EVAL_MAX elements (see there)."""
-    return _small_rows(x) or (
-        type(x) is np.ndarray
-        and x.ndim == 2
-        and x.dtype.char in "fd"
-        and x.shape[1] >= _WIDE_ROW
-        and x.size < _SERIAL_EVAL_MAX
-        and x.flags.c_contiguous
-    )
+    return _small_rows(x) or (_small_rows(x, _SERIAL_EVAL_MAX) and x.shape[1] >= _WIDE_ROW)  # type: ignore[attr-defined]
 
 
 def _rows_output(x: np.ndarray) -> np.ndarray:
