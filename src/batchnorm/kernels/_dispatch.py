@@ -185,11 +185,6 @@ def _serial_eval_rows(x: object) -> bool:
     return _small_rows(x) or (_small_rows(x, _SERIAL_EVAL_MAX) and x.shape[1] >= _WIDE_ROW)  # type: ignore[attr-defined]
 
 
-def _rows_output(x: np.ndarray) -> np.ndarray:
-    """An uninitialized output like the C-contiguous x: from the buffer cache when it is large."""
-    return np.empty_like(x) if x.nbytes < _buffers.MIN_BYTES else _buffers.empty(x.shape, x.dtype)
-
-
 def _k(kernel, threads: int):  # type: ignore[no-untyped-def]
     """The kernel, or its single-threaded twin when one thread does the work (no pool start)."""
     return kernel.serial if threads == 1 else kernel
@@ -422,7 +417,7 @@ def normalize_running(
         and _plain(gamma, x)
         and _plain(beta, x)
     ):
-        y = _rows_output(x)
+        y = _buffers.empty(x.shape, x.dtype)  # large outputs from the cache
         normalize_running_rows(x, running_mean, running_var, float(eps), gamma, beta, y)
         return y
     with np.errstate(all="ignore"):  # a negative running_var gives NaN silently, as in torch
