@@ -351,13 +351,15 @@ def test_kernels_are_cached_on_disk_and_listed():
     from batchnorm.kernels import backward as _  # noqa: F401 - the module, via sys.modules below
     from batchnorm.kernels import forward, stats
 
-    modules = [sys.modules["batchnorm.kernels.backward"], forward, stats]
+    from batchnorm.kernels import running, small_rows
+
+    modules = [sys.modules["batchnorm.kernels.backward"], forward, stats, running, small_rows]
     jitted = list({id(f): f for m in modules for f in vars(m).values() if hasattr(f, "py_func")}.values())
     jitted += [f.serial for f in jitted if hasattr(f, "serial")]
     jitted = list({id(f): f for f in jitted}.values())  # a twin may also have a module-level name
     # 12 kernels with serial twins + _reduce_block, _stats_block, normalize_running_rows,
-    # running_vectors, channel_block_stats
-    assert len(jitted) == 29
+    # running_vectors, channel_block_stats; running_step(_counted); small_rows' three
+    assert len(jitted) == 34
     assert all(type(f._cache).__name__ == "FunctionCache" for f in jitted)
     rows = kernels.backend_table()
     assert {"float32", "float64", "float16"} <= {r["input"] for r in rows}
@@ -485,13 +487,13 @@ def test_update_running_matches_reference_and_numpy_ops(rng, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("momentum", [0.1, 1, 0.0])
-def test_update_running_counted_is_the_update_plus_one_count(rng, dtype, momentum):
+def test_update_running_with_a_counter_is_the_update_plus_one_count(rng, dtype, momentum):
     rm, rv = rng.normal(size=7).astype(dtype), rng.uniform(0.5, 2, 7).astype(dtype)
     mean, var = rng.normal(size=7).astype(dtype), rng.uniform(0.5, 2, 7).astype(dtype)
     want_mean, want_var = rm.copy(), rv.copy()
     _dispatch.update_running_(want_mean, want_var, mean, var, 12, momentum)
     tracked = np.array(41, np.int64)  # 0-d, as num_batches_tracked.numpy()
-    _dispatch.update_running_counted_(rm, rv, tracked, mean, var, 12, momentum)
+    _dispatch.update_running((rm, rv, tracked, momentum), mean, var, 12)
     np.testing.assert_array_equal(rm, want_mean)
     np.testing.assert_array_equal(rv, want_var)
     assert tracked.shape == () and int(tracked) == 42
@@ -545,3 +547,86 @@ def test_prediction_on_rows_takes_the_one_call_kernel_below_its_limit(monkeypatc
     y = kernels.normalize_running(x, np.full(c, 1.0, np.float32), np.full(c, 4.0, np.float32), 0.0)
     assert len(calls) == int(one_call)
     np.testing.assert_array_equal(y, np.zeros(shape, np.float32))
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, layout",
+    [
+        ((64, 16), np.float32, "contiguous"),  # small rows: one compiled call (small_rows)
+        ((300, 7), np.float64, "contiguous"),
+        ((4096, 64), np.float32, "contiguous"),  # parallel rows kernel, then update_running
+        ((4, 3, 5, 5), np.float64, "channels_last"),
+        ((4, 3, 5, 5), np.float32, "sliced"),
+        ((64, 16), np.float16, "contiguous"),  # float16 buffers: NumPy's update
+    ],
+)
+@pytest.mark.parametrize("counted", [True, False])
+def test_forward_train_updates_running_buffers_as_update_running(rng, shape, dtype, layout, counted):
+    x = make(rng, shape, dtype, layout, loc=3.0, scale=2.0)
+    c = shape[1]
+    gamma, beta = rng.normal(size=(2, c)).astype(dtype)
+    rm, rv = rng.normal(size=c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
+    want_rm, want_rv = rm.copy(), rv.copy()
+    tracked = np.array(6, np.int64) if counted else None
+    got = kernels.forward_train(x, gamma, beta, 1e-5, running=(rm, rv, tracked, 0.25))
+    plain = kernels.forward_train(x, gamma, beta, 1e-5)
+    for a, b in zip(got, plain, strict=True):
+        np.testing.assert_array_equal(a, b)
+    _dispatch.update_running_(want_rm, want_rv, plain[1], plain[2], x.size // c, 0.25)
+    np.testing.assert_array_equal(rm, want_rm)
+    np.testing.assert_array_equal(rv, want_rv)
+    if counted:
+        assert int(tracked) == 7
+    # and against the reference: unbiased variance in the running estimate
+    _, cache = reference.forward(x.astype(np.float64), None, None)
+    m = x.size // c
+    start_rv = (want_rv - 0.25 * plain[2].astype(np.float64) * m / (m - 1)) / 0.75
+    np.testing.assert_allclose(
+        rv, 0.75 * start_rv + 0.25 * cache.var * m / (m - 1), rtol=RTOL[dtype] * 10, atol=RTOL[dtype]
+    )
+
+
+@pytest.mark.parametrize(
+    "running, error, match",
+    [
+        ([np.zeros(4), np.ones(4), None, 0.1], TypeError, "running: expected a tuple"),
+        ((np.zeros(3, np.float32), np.ones(4, np.float32), None, 0.1), ValueError, r"running_mean: .*\(4,\)"),
+        ((np.zeros(4, np.float32), np.ones(4, np.int32), None, 0.1), ValueError, "running_var: .*floating"),
+        ((np.zeros(4, np.float32), np.ones(4, np.float64), None, 0.1), TypeError, "running_var: expected"),
+        (
+            (np.zeros(4, np.float32), np.ones(4, np.float32), np.zeros(1), 0.1),
+            ValueError,
+            "num_batches_tracked",
+        ),
+        (
+            (np.zeros(4, np.float32), np.ones(4, np.float32), None, "0.1"),
+            TypeError,
+            "momentum: expected a number",
+        ),
+    ],
+)
+def test_forward_train_rejects_bad_running_buffers_before_any_update(rng, running, error, match):
+    x = make(rng, (8, 4), np.float32, "contiguous")
+    before = [np.copy(v) if isinstance(v, np.ndarray) else v for v in running]
+    with pytest.raises(error, match=match):
+        kernels.forward_train(x, None, None, 1e-5, running=running)
+    for old, new in zip(before, running, strict=True):
+        if isinstance(old, np.ndarray):
+            np.testing.assert_array_equal(old, new)
+
+
+def test_forward_train_needs_two_values_per_channel_to_update_running(rng):
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        kernels.forward_train(np.ones((1, 4), np.float32), None, None, 1e-5, running=(rm, rv, None, 0.1))
+    np.testing.assert_array_equal(rv, 1.0)
+
+
+def test_read_only_running_buffers_are_rejected(rng):
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    rv.flags.writeable = False
+    with pytest.raises(ValueError, match="running_var: expected a writeable"):
+        kernels.forward_train(
+            make(rng, (8, 4), np.float32, "contiguous"), None, None, 1e-5, running=(rm, rv, None, 0.1)
+        )
+    np.testing.assert_array_equal(rm, 0.0)

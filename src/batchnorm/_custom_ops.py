@@ -32,6 +32,8 @@ Shape:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -329,21 +331,20 @@ _train_eager_backward_once = once_differentiable(_train_eager_backward)
 
 
 class _TrainEager(torch.autograd.Function):
-    """The modules' eager training forward on CPU float32/float64: y only, statistics on the side.
+    """The modules' eager training forward on CPU float32/float64: y only, the running buffers
+    updated inside the kernel call.
 
-    One output instead of four (each output is an autograd edge to set up) and the statistics
-    handed back as NumPy arrays through ``stats`` for the running-average update.
+    One output instead of four (each output is an autograd edge to set up), and no statistics
+    handed back for a separate running-average update.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, stats):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps, running):  # type: ignore[override]
         x_np = x.numpy(force=True)
         w_np = _torch_ops._np_as(weight, x.dtype)
-        y, mean, var, invstd = _torch_ops.cpu_kernels.forward_train(
-            x_np, w_np, _torch_ops._np_as(bias, x.dtype), eps
+        y, mean, _, invstd = _torch_ops.cpu_kernels.forward_train(
+            x_np, w_np, _torch_ops._np_as(bias, x.dtype), eps, running=running
         )
-        stats.append(mean)
-        stats.append(var)
         ctx.save_for_backward(x, weight)
         # The statistics stay NumPy arrays for the backward kernel (no tensor round trip).
         ctx.arrays = (x_np, w_np, mean, invstd)
@@ -362,22 +363,17 @@ class _TrainEager(torch.autograd.Function):
 _TRAIN_EAGER_APPLY = super(torch.autograd.Function, _TrainEager).apply
 
 
-def train_eager(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, object, object]:
-    """``(y, mean, var)`` (statistics as NumPy arrays) for a plain CPU float32/float64 x in eager mode.
+def train_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, running: Any) -> Tensor:
+    """y for a plain CPU float32/float64 x in eager mode; ``running`` (``kernels.forward_train``'s:
+    NumPy views of the running buffers, or None) is updated in the same kernel call.
 
     The caller (``BatchNormBase``'s fast path) has checked everything ``check_args`` checks.
     """
     if not _needs_grad(x, weight, bias):
-        y, mean, var, _ = _torch_ops.forward_train_arrays(x, weight, bias, eps)
-        return y, mean, var
-    stats: list = []
+        return _torch_ops.forward_train_arrays(x, weight, bias, eps, running)[0]
     if torch._C._are_functorch_transforms_active():
-        y = _TrainEager.apply(x, weight, bias, eps, stats)
-    else:
-        y = _TRAIN_EAGER_APPLY(x, weight, bias, eps, stats)
-    return y, stats[0], stats[1]
+        return _TrainEager.apply(x, weight, bias, eps, running)
+    return _TRAIN_EAGER_APPLY(x, weight, bias, eps, running)
 
 
 def _triton_kernels():  # type: ignore[no-untyped-def]

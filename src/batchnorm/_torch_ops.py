@@ -149,10 +149,13 @@ def _np_as(t: torch.Tensor | None, dtype: torch.dtype) -> Any:
     return (t if t.dtype == dtype else t.detach().to(dtype)).numpy(force=True)
 
 
-def forward_train_arrays(x, weight, bias, eps: float):
-    """``forward_train`` for a ``_direct`` x: y as a tensor, the statistics as NumPy arrays."""
+def forward_train_arrays(x, weight, bias, eps: float, running=None):
+    """``forward_train`` for a ``_direct`` x: y as a tensor, the statistics as NumPy arrays.
+
+    ``running``: ``kernels.forward_train``'s, NumPy views of the buffers to update in place.
+    """
     y, mean, var, invstd = cpu_kernels.forward_train(
-        _np(x), _np_as(weight, x.dtype), _np_as(bias, x.dtype), eps
+        _np(x), _np_as(weight, x.dtype), _np_as(bias, x.dtype), eps, running=running
     )
     return torch.from_numpy(y), mean, var, invstd
 

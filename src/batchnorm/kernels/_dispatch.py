@@ -66,7 +66,12 @@ from batchnorm.kernels.forward import (
     normalize_rows,
     normalize_running_rows,
 )
+from batchnorm.kernels.running import numpy_running_step, running_step, running_step_counted
+from batchnorm.kernels.small_rows import backward_small, forward_train_small
 from batchnorm.kernels.stats import stats_cf, stats_rows
+
+# ``forward_train``'s ``running``: (running_mean, running_var, num_batches_tracked | None, momentum)
+Running = tuple
 
 # A channel's slab (x, or x and dy in backward) up to this size is processed by one thread in
 # one go, its later passes served from cache (the 2 MiB L2 per core, 32 MiB shared L3 here).
@@ -436,24 +441,37 @@ def forward_train(
     beta: np.ndarray | None,
     eps: float,
     out: np.ndarray | None = None,
+    running: Running | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training forward: batch statistics, then ``y = (x - mean) * invstd * gamma + beta``.
 
     Returns ``(y, mean, var, invstd)`` with ``var`` biased and ``invstd = 1 / sqrt(var + eps)``.
+    ``running = (running_mean, running_var, num_batches_tracked, momentum)`` also updates those
+    in place from the batch (``update_running``), once everything else has succeeded.
 
     Shape:
         x, y: ``(N, C, *spatial)``; gamma, beta, mean, var, invstd: ``(C,)``.
     """
-    if out is None and _small_rows(x):
-        c = x.shape[1]
-        gamma64 = _vector(gamma, c, "gamma", 1.0)
-        beta64 = _vector(beta, c, "beta", 0.0)
-        y = np.empty_like(x)
-        mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
-        nblk = _blocks_rows(x.shape[0], c, x.itemsize, 1)
-        forward_rows.serial(x, 1, nblk, True, gamma64, beta64, float(eps), y, mean, var, invstd)
-        dt = x.dtype
-        return y, mean.astype(dt), var.astype(dt), invstd.astype(dt)
+    if running is not None:
+        _check_running(running, x)
+    if out is None and _small_rows(x) and _plain(gamma, x) and _plain(beta, x):
+        nblk = _blocks_rows(x.shape[0], x.shape[1], x.itemsize, 1)
+        if running is None:
+            return forward_train_small(x, gamma, beta, float(eps), nblk, None, None, None, 0.0)
+        running_mean, running_var, tracked, momentum = running
+        if _plain(running_mean, x) and _plain(running_var, x):
+            return forward_train_small(
+                x, gamma, beta, float(eps), nblk, running_mean, running_var, tracked, float(momentum)
+            )
+    result = _forward_train(x, gamma, beta, eps, out)
+    if running is not None and x.size:
+        update_running(running, result[1], result[2], x.size // x.shape[1])
+    return result
+
+
+def _forward_train(
+    x: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float, out: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     xc, kind = _prepare(x)
     c = x.shape[1]
     dt = _compute_dtype(xc)
@@ -589,17 +607,14 @@ def backward(
         and type(dy) is np.ndarray
         and dy.dtype == x.dtype
         and dy.shape == x.shape
+        and _plain(mean, x)
+        and _plain(invstd, x)
+        and _plain(gamma, x)
     ):
-        c = x.shape[1]
-        dyc = np.ascontiguousarray(dy)  # what _prepare_pair makes of it (an expanded dy: a copy)
-        mean64 = _vector(mean, c, "mean", 0.0)
-        invstd64 = _vector(invstd, c, "invstd", 1.0)
-        gamma64 = _vector(gamma, c, "gamma", 1.0)
-        dxa = np.empty_like(x)
-        sum_dy, sum_dy_xhat = np.zeros(c), np.zeros(c)
-        nblk = _blocks_rows(x.shape[0], c, 2 * x.itemsize, 1)
-        backward_rows.serial(dyc, x, 1, nblk, mean64, invstd64, gamma64, dxa, sum_dy, sum_dy_xhat)
-        return dxa, sum_dy_xhat.astype(x.dtype), sum_dy.astype(x.dtype)
+        # an expanded dy is copied, as _prepare_pair does
+        dyc = dy if dy.flags.c_contiguous else np.ascontiguousarray(dy)
+        nblk = _blocks_rows(x.shape[0], x.shape[1], 2 * x.itemsize, 1)
+        return backward_small(dyc, x, mean, invstd, gamma, nblk)
     xc, dyc, kind = _prepare_pair(dy, x)
     c = x.shape[1]
     dt = _compute_dtype(xc)
@@ -652,37 +667,6 @@ def backend_table() -> list[dict[str, str]]:
     return rows
 
 
-@numba.njit(cache=True, error_model="numpy", nogil=True)
-def _running_step(rm, rv, mean, var, momentum, count):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """rm <- (1 - momentum) rm + momentum mean; rv <- (1 - momentum) rv + momentum m/(m-1) var.
-
-    No fastmath: without FMA contraction each step rounds as the NumPy expressions
-    ``rm *= keep; rm += w_mean * mean`` do, the three weights rounded to the arrays' dtype
-    first (as NumPy scalars of that dtype would be).
-    """
-    dt = rm.dtype.type
-    keep = dt(1.0 - momentum)
-    w_mean = dt(momentum)
-    w_var = dt(momentum * count / (count - 1))
-    for i in range(rm.shape[0]):
-        rm[i] = rm[i] * keep + w_mean * mean[i]
-        rv[i] = rv[i] * keep + w_var * var[i]
-
-
-@numba.njit(cache=True, error_model="numpy", nogil=True)
-def _running_step_counted(rm, rv, tracked, mean, var, momentum, count):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    _running_step(rm, rv, mean, var, momentum, count)
-    tracked[()] += 1
-
-
-def _numpy_running_step(running_mean, running_var, mean, var, count: int, momentum: float) -> None:  # type: ignore[no-untyped-def]
-    # float16 buffers: NumPy's ufuncs (numba has no float16 arithmetic)
-    running_mean *= 1.0 - momentum
-    running_mean += momentum * mean
-    running_var *= 1.0 - momentum
-    running_var += (momentum * count / (count - 1)) * var
-
-
 def update_running_(
     running_mean: np.ndarray,
     running_var: np.ndarray,
@@ -698,31 +682,67 @@ def update_running_(
     checks that. One compiled call instead of six NumPy operations on (C,) vectors: the
     (64, 16) module training forward 33.6 -> ~30 us.
     """
-    if running_mean.dtype.char not in "fd":
-        _numpy_running_step(running_mean, running_var, mean, var, count, momentum)
-        return
-    _running_step(running_mean, running_var, mean, var, float(momentum), int(count))
+    update_running((running_mean, running_var, None, momentum), mean, var, count)
 
 
-def update_running_counted_(
-    running_mean: np.ndarray,
-    running_var: np.ndarray,
-    num_batches_tracked: np.ndarray,
-    mean: np.ndarray,
-    var: np.ndarray,
-    count: int,
-    momentum: float,
-) -> None:
-    """``update_running_`` and ``num_batches_tracked += 1`` (a 0-d integer array) in one call.
+def update_running(running: Running, mean: np.ndarray, var: np.ndarray, count: int) -> None:
+    """``update_running_`` on ``running = (running_mean, running_var, num_batches_tracked,
+    momentum)``, and ``num_batches_tracked += 1`` (a 0-d integer array) when it is not None.
 
-    The modules' fast path: module forward+backward on (64, 16), interleaved, 2 threads:
-    78.5 -> 66.6 us against the update and a separate NumPy ``+= 1`` on the counter's 0-d
-    view (that increment alone cost ~10 us inside a forward+backward step).
+    One compiled call, counter included: module forward+backward on (64, 16), interleaved,
+    2 threads: 78.5 -> 66.6 us against the update and a separate NumPy ``+= 1`` on the
+    counter's 0-d view (that increment alone cost ~10 us inside a forward+backward step).
     """
+    running_mean, running_var, tracked, momentum = running
     if running_mean.dtype.char not in "fd":
-        _numpy_running_step(running_mean, running_var, mean, var, count, momentum)
-        num_batches_tracked += 1
-        return
-    _running_step_counted(
-        running_mean, running_var, num_batches_tracked, mean, var, float(momentum), int(count)
-    )
+        numpy_running_step(running_mean, running_var, mean, var, count, momentum)
+        if tracked is not None:
+            tracked += 1
+    elif tracked is not None:
+        running_step_counted(running_mean, running_var, tracked, mean, var, float(momentum), int(count))
+    else:
+        running_step(running_mean, running_var, mean, var, float(momentum), int(count))
+
+
+def _check_running(running: object, x: np.ndarray) -> None:
+    """Raise, naming the entry, unless ``running`` is an updatable ``(running_mean, running_var,
+    num_batches_tracked, momentum)`` for x's channels (checked before anything is computed)."""
+    if type(running) is not tuple or len(running) != 4:
+        raise TypeError(
+            "running: expected a tuple (running_mean, running_var, num_batches_tracked, momentum), "
+            f"got {type(running).__name__}"
+        )
+    running_mean, running_var, tracked, momentum = running
+    channels = x.shape[1]
+    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+        if (
+            type(v) is not np.ndarray
+            or v.shape != (channels,)
+            or v.dtype.kind != "f"
+            or not v.flags.writeable
+        ):
+            got = f"{v.dtype} array of shape {v.shape}" if isinstance(v, np.ndarray) else type(v).__name__
+            raise ValueError(
+                f"{name}: expected a writeable floating-point array of shape ({channels},) (one value "
+                f"per channel of x), got {got}"
+            )
+    if running_var.dtype != running_mean.dtype:
+        raise TypeError(
+            f"running_var: expected running_mean's dtype {running_mean.dtype}, got {running_var.dtype}"
+        )
+    if tracked is not None and (
+        type(tracked) is not np.ndarray or tracked.shape != () or tracked.dtype.kind not in "iu"
+    ):
+        got = (
+            f"{tracked.dtype} array of shape {tracked.shape}"
+            if isinstance(tracked, np.ndarray)
+            else type(tracked).__name__
+        )
+        raise ValueError(f"num_batches_tracked: expected None or a 0-d integer array, got {got}")
+    if type(momentum) not in (float, int) and not isinstance(momentum, np.floating):
+        raise TypeError(f"momentum: expected a number, got {type(momentum).__name__}")
+    if x.size and x.size == channels:
+        raise ValueError(
+            f"x: expected more than one value per channel to update the running variance "
+            f"(Bessel's correction divides by m - 1), got shape {x.shape}"
+        )

@@ -46,6 +46,7 @@ from batchnorm._torch_ops import _compute_dtype
 from batchnorm._torch_ops import _from_numpy as _tensor
 from batchnorm._torch_ops import _np_as as _numpy
 from batchnorm.kernels import _act_dispatch as _kernels
+from batchnorm.kernels._dispatch import update_running
 from batchnorm.kernels._dispatch import update_running_ as update_running_arrays
 from batchnorm.nn.batchnorm import BatchNormBase, _fast_class, torch_bias_kwarg
 
@@ -223,7 +224,7 @@ class _BatchNormActFunction(torch.autograd.Function):
     bias) instead of converting the saved tensors again, and skips once_differentiable's
     no_grad block when grad mode is off. (64, 16) BatchNormAct1d module forward+backward,
     interleaved against the previous code (whose counter increment also cost more, see
-    ``update_running_counted_``): 140 -> 119 us (torch BatchNorm1d + ReLU: 98 us).
+    ``kernels._dispatch.update_running``): 140 -> 119 us (torch BatchNorm1d + ReLU: 98 us).
     """
 
     @staticmethod
@@ -479,8 +480,11 @@ class _BatchNormActMixin(BatchNormBase):
             self._count_batch()
         return y
 
-    def _fast_train(self, input: Tensor, weight, bias, eps: float):  # type: ignore[no-untyped-def]
-        return _train(input, weight, bias, eps, self.act, self.negative_slope, False)
+    def _fast_train(self, input: Tensor, weight, bias, eps: float, running):  # type: ignore[no-untyped-def]
+        y, mean, var = _train(input, weight, bias, eps, self.act, self.negative_slope, False)
+        if running is not None:
+            update_running(running, mean, var, input.numel() // input.shape[1])
+        return y
 
     def _fast_eval(self, input: Tensor, running_mean, running_var, weight, bias, eps: float):  # type: ignore[no-untyped-def]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):

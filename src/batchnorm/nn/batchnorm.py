@@ -38,8 +38,6 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import _custom_ops, _torch_ops, functional
-from batchnorm.kernels._dispatch import update_running_ as _update_running_arrays
-from batchnorm.kernels._dispatch import update_running_counted_ as _update_running_counted
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "torch_bias_kwarg"]
 
@@ -304,37 +302,27 @@ class BatchNormBase:
             )
             if tracks and (self.momentum is None or running_mean.requires_grad or running_var.requires_grad):
                 return None
-            y, mean, var = self._fast_train(input, weight, bias, eps)
+            running = counted = None
             if tracks:
-                # one compiled call on the buffers' memory, counter included (bit-identical
-                # to torch's update): see update_running_counted_ for what it saved
+                # the update happens in the kernel call, on the buffers' memory, counter
+                # included (bit-identical to torch's update; see kernels' update_running)
                 tracked = buffers.get("num_batches_tracked")
-                if (
+                counted = (
                     tracked is not None
                     and tracked.is_cpu
                     and not tracked.requires_grad
                     and tracked.dim() == 0
-                ):
-                    _update_running_counted(
-                        running_mean.numpy(),  # type: ignore[union-attr]
-                        running_var.numpy(),  # type: ignore[union-attr]
-                        tracked.numpy(),
-                        mean,
-                        var,
-                        count,
-                        float(self.momentum),  # type: ignore[arg-type]
-                    )
-                else:
-                    _update_running_arrays(
-                        running_mean.numpy(),  # type: ignore[union-attr]
-                        running_var.numpy(),  # type: ignore[union-attr]
-                        mean,
-                        var,
-                        count,
-                        float(self.momentum),  # type: ignore[arg-type]
-                    )
-                    if tracked is not None:
-                        self._count_batch()
+                    and not tracked.is_floating_point()
+                )
+                running = (
+                    running_mean.numpy(),  # type: ignore[union-attr]
+                    running_var.numpy(),  # type: ignore[union-attr]
+                    tracked.numpy() if counted else None,  # type: ignore[union-attr]
+                    float(self.momentum),  # type: ignore[arg-type]
+                )
+            y = self._fast_train(input, weight, bias, eps, running)
+            if tracks and not counted and buffers.get("num_batches_tracked") is not None:
+                self._count_batch()
             return y
         if running_mean is None or running_var is None or count == 0:
             return None
@@ -343,10 +331,11 @@ class BatchNormBase:
         return self._fast_eval(input, running_mean, running_var, weight, bias, eps)
 
     def _fast_train(
-        self, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Any, Any]:
-        """``_forward_fast``'s training step: ``(y, mean, var)``, the statistics as NumPy arrays."""
-        return _custom_ops.train_eager(input, weight, bias, eps)
+        self, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, running: Any
+    ) -> Tensor:
+        """``_forward_fast``'s training step: y, after updating ``running`` (None, or
+        ``kernels.forward_train``'s tuple of NumPy views of the buffers) from the batch."""
+        return _custom_ops.train_eager(input, weight, bias, eps, running)
 
     def _fast_eval(
         self,
