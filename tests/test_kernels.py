@@ -349,17 +349,16 @@ def test_bad_input_names_the_argument(call, error, match):
 
 def test_kernels_are_cached_on_disk_and_listed():
     from batchnorm.kernels import backward as _  # noqa: F401 - the module, via sys.modules below
-    from batchnorm.kernels import forward, stats
-
-    from batchnorm.kernels import running, small_rows
+    from batchnorm.kernels import forward, running, small_rows, stats
 
     modules = [sys.modules["batchnorm.kernels.backward"], forward, stats, running, small_rows]
     jitted = list({id(f): f for m in modules for f in vars(m).values() if hasattr(f, "py_func")}.values())
     jitted += [f.serial for f in jitted if hasattr(f, "serial")]
     jitted = list({id(f): f for f in jitted}.values())  # a twin may also have a module-level name
     # 12 kernels with serial twins + _reduce_block, _stats_block, normalize_running_rows,
-    # running_vectors, channel_block_stats; running_step(_counted); small_rows' three
-    assert len(jitted) == 34
+    # running_vectors, channel_block_stats, split_vectors; running_step(_counted); small_rows'
+    # three
+    assert len(jitted) == 35
     assert all(type(f._cache).__name__ == "FunctionCache" for f in jitted)
     rows = kernels.backend_table()
     assert {"float32", "float64", "float16"} <= {r["input"] for r in rows}
@@ -434,13 +433,16 @@ def test_small_rows_shortcut_is_the_general_path_bit_for_bit(rng, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(64, 16), (3, 1), (300, 7), (9, 4, 5, 5), (4096, 16), (1024, 96)])
+@pytest.mark.parametrize(
+    "shape", [(64, 16), (3, 1), (300, 7), (9, 4, 5, 5), (4096, 16), (1024, 96), (600, 1024), (2, 3, 64, 64)]
+)
 @pytest.mark.parametrize("affine", [True, False])
 def test_normalize_running_matches_reference_and_normalize(rng, shape, dtype, affine):
     # Small C-contiguous (N, C) arrays, and larger ones of >= 64 channels (here (1024, 96)),
-    # take the one-call kernel (normalize_running_rows), the rest normalize() after invstd in
-    # NumPy: both give normalize's bits with invstd in float64; normalize runs (1024, 96) on
-    # the parallel rows kernel.
+    # take the one-call kernel (normalize_running_rows); other C-contiguous arrays the general
+    # kernels with compiled vector set-up (_predict_contiguous: (600, 1024) on the parallel rows
+    # kernel, (9, 4, 5, 5) and (2, 3, 64, 64) channels-first): all give normalize's bits with
+    # invstd in float64; normalize runs (1024, 96) on the parallel rows kernel.
     x = make(rng, shape, dtype, "contiguous", loc=1e4 if dtype == np.float64 else 50.0, scale=2.0)
     c = shape[1]
     running_mean = (x.mean(axis=tuple(i for i in range(x.ndim) if i != 1)) + 0.3).astype(dtype)
