@@ -632,3 +632,20 @@ def test_read_only_running_buffers_are_rejected(rng):
             make(rng, (8, 4), np.float32, "contiguous"), None, None, 1e-5, running=(rm, rv, None, 0.1)
         )
     np.testing.assert_array_equal(rm, 0.0)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "fortran", "sliced"])
+@pytest.mark.parametrize("shape", [(6, 5, 7, 3), (40, 64), (3, 4, 2, 5, 6)])
+def test_normalize_running_keeps_the_layout_and_normalizes_bits(rng, layout, shape):
+    # channels-last rows take _predict_canonical, the others the general path: every output
+    # has normalize's bits, and channels-last stays channels-last
+    x = make(rng, shape, np.float32, layout, loc=20.0, scale=3.0)
+    c = shape[1]
+    running_mean = rng.normal(20.0, 1.0, c).astype(np.float32)
+    running_var = rng.uniform(0.5, 4.0, c).astype(np.float32)
+    gamma, beta = rng.normal(size=(2, c)).astype(np.float32)
+    y = kernels.normalize_running(x, running_mean, running_var, 1e-5, gamma, beta)
+    invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + 1e-5)
+    np.testing.assert_array_equal(y, kernels.normalize(x, running_mean, invstd, gamma, beta))
+    if layout == "channels_last":
+        assert np.argsort(y.strides).tolist() == np.argsort(x.strides).tolist()

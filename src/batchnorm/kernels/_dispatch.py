@@ -41,9 +41,11 @@ from batchnorm.kernels import _buffers
 from batchnorm.kernels._layout import (
     CF,
     ROWS,
+    _canonical_empty,
     _check_x,
     _compute_dtype,
     _in_layout,
+    _kind,
     _Output,
     _prepare,
     _vector,
@@ -404,26 +406,24 @@ def normalize(
     return y.result(x.dtype)
 
 
-def _predict_contiguous(x, running_mean, running_var, eps: float, gamma, beta) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """``normalize_running`` on a C-contiguous float32/float64 x with vectors of x's dtype.
+def _predict_canonical(x, kind: str, running_mean, running_var, eps: float, gamma, beta) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """``normalize_running`` on a float32/float64 x already in a canonical layout (``kind``:
+    C-contiguous channels-first, or C-contiguous (N, C) / channels-last rows) with vectors of
+    x's dtype.
 
     The general path's kernels (``_normalize64``) on the same float64 vectors, formed in one
     compiled call (``running_vectors``, the float64 arithmetic of the NumPy path) instead of
-    ~10 NumPy operations on (C,) vectors, and without the layout machinery for arbitrary
-    strides. kernels.normalize_running, float32, 2 threads, the previous code loaded beside
-    it, interleaved, runs of 10 calls, three rounds: (4096, 256) 122-163 -> 112-152 us,
-    (600, 1024) 95-108 -> 79-92 us; channels-first shapes unchanged within the noise
-    ((64, 3, 64, 64): 86-108 vs 90-117 us; its kernel alone takes ~57 us).
+    ~10 NumPy operations on (C,) vectors, and without the checks and conversions for
+    arbitrary strides (``_prepare``).
+    With ``_Output``'s direct allocation for canonical layouts, kernels.normalize_running,
+    float32, 2 threads, the previous code loaded beside it, interleaved, runs of 10 calls:
+    (64, 3, 64, 64) 94 -> 80 us, (16, 1024, 14, 14) 550 -> 413 us, channels-last
+    (16, 64, 56, 56) 432 -> 324 us, (4096, 256) 147 -> 121 us, (256, 16, 32, 32) 791 -> 685 us.
     """
-    n, c = x.shape[0], x.shape[1]
-    s = x.size // (n * c)
     threads = _use_threads(x.size)
     mean, scale, shift = running_vectors(running_mean, running_var, eps, gamma, beta)
-    y = _buffers.empty(x.shape, x.dtype)
-    if s == 1:
-        _normalize64(x.reshape(n, c), ROWS, mean, scale, shift, y.reshape(n, c), threads)
-    else:
-        _normalize64(x.reshape(n, c, s), CF, mean, scale, shift, y.reshape(n, c, s), threads)
+    y, y_view = _canonical_empty(x, kind)
+    _normalize64(_view(x, kind), kind, mean, scale, shift, y_view, threads)
     return y
 
 
@@ -444,8 +444,10 @@ def normalize_running(
             y = _buffers.empty(x.shape, x.dtype)  # large outputs from the cache
             normalize_running_rows(x, running_mean, running_var, float(eps), gamma, beta, y)
             return y
-        if type(x) is np.ndarray and x.flags.c_contiguous and x.dtype.char in "fd" and x.ndim > 1 and x.size:
-            return _predict_contiguous(x, running_mean, running_var, float(eps), gamma, beta)
+        if type(x) is np.ndarray and x.dtype.char in "fd" and x.ndim > 1 and x.size:
+            kind = _kind(x)
+            if kind == CF or kind == ROWS:
+                return _predict_canonical(x, kind, running_mean, running_var, float(eps), gamma, beta)
     with np.errstate(all="ignore"):  # a negative running_var gives NaN silently, as in torch
         invstd = 1.0 / np.sqrt(_vector(running_var, x.shape[1], "running_var", 1.0) + eps)
     return normalize(x, running_mean, invstd, gamma, beta)
@@ -453,7 +455,7 @@ def normalize_running(
 
 def _plain(v: object, x: np.ndarray) -> bool:
     """None, or a ``(C,)`` array of x's dtype (what the small-input kernels read as it is)."""
-    return v is None or (type(v) is np.ndarray and v.dtype == x.dtype and v.shape == x.shape[1:])
+    return v is None or (type(v) is np.ndarray and v.dtype == x.dtype and v.shape == (x.shape[1],))
 
 
 def forward_train(

@@ -118,6 +118,21 @@ def _vector(v: np.ndarray | None, channels: int, name: str, default: float) -> n
     return a
 
 
+def _canonical_empty(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """A new array in the layout of ``x`` (canonical: C-contiguous channels-first, or rows:
+    C-contiguous (N, C) or channels-last), and its canonical view ``_view(array, kind)``."""
+    n, c = x.shape[0], x.shape[1]
+    spatial = math.prod(x.shape[2:])  # shapes, not sizes: an empty batch divides nothing
+    if kind == CF:
+        array = _buffers.empty(x.shape, x.dtype)
+        return array, array.reshape(n, c, spatial)
+    rows = _buffers.empty((n * spatial, c), x.dtype)
+    if x.ndim == 2:
+        return rows, rows
+    # channels-last: rows of (N, *spatial) in memory, seen in x's axis order
+    return rows.reshape(n, *x.shape[2:], c).transpose(0, x.ndim - 1, *range(1, x.ndim - 1)), rows
+
+
 class _Output:
     """Where a kernel writes: a canonical view of ``out`` when possible, else a temporary."""
 
@@ -139,6 +154,13 @@ class _Output:
             # empty_like of a C-contiguous (R, C) array is one: no layout checks (the common
             # (N, C) call: _Output 1.6 -> 0.4 us)
             self.array = self.view = _buffers.empty(x.shape, x.dtype)
+            return
+        if out is None and kind != _CF_T:
+            # x is canonical (``_prepare``): allocate in its layout directly, without
+            # empty_like's stride sort and the layout checks. Channels-last (16, 64, 56, 56)
+            # float32, kernels.forward_train 690 -> 615 us, backward 1189 -> 1109 us (2 threads,
+            # interleaved with the previous code, runs of 10 calls)
+            self.array, self.view = _canonical_empty(x, kind)
             return
         direct = out is not None and out.dtype == x.dtype and _kind(out) == kind
         self.array = out if direct else _buffers.empty_like(x)  # keeps x's layout
