@@ -349,16 +349,15 @@ def test_bad_input_names_the_argument(call, error, match):
 
 def test_kernels_are_cached_on_disk_and_listed():
     from batchnorm.kernels import backward as _  # noqa: F401 - the module, via sys.modules below
-    from batchnorm.kernels import forward, running, small_rows, stats
+    from batchnorm.kernels import forward, running, stats
 
-    modules = [sys.modules["batchnorm.kernels.backward"], forward, stats, running, small_rows]
+    modules = [sys.modules["batchnorm.kernels.backward"], forward, stats, running]
     jitted = list({id(f): f for m in modules for f in vars(m).values() if hasattr(f, "py_func")}.values())
     jitted += [f.serial for f in jitted if hasattr(f, "serial")]
     jitted = list({id(f): f for f in jitted}.values())  # a twin may also have a module-level name
     # 12 kernels with serial twins + _reduce_block, _stats_block, normalize_running_rows,
-    # running_vectors, channel_block_stats, split_vectors; running_step(_counted); small_rows'
-    # three
-    assert len(jitted) == 35
+    # running_vectors, channel_block_stats; running_step(_counted)
+    assert len(jitted) == 31
     assert all(type(f._cache).__name__ == "FunctionCache" for f in jitted)
     rows = kernels.backend_table()
     assert {"float32", "float64", "float16"} <= {r["input"] for r in rows}
@@ -554,7 +553,7 @@ def test_prediction_on_rows_takes_the_one_call_kernel_below_its_limit(monkeypatc
 @pytest.mark.parametrize(
     "shape, dtype, layout",
     [
-        ((64, 16), np.float32, "contiguous"),  # small rows: one compiled call (small_rows)
+        ((64, 16), np.float32, "contiguous"),  # small rows: the direct one-thread call
         ((300, 7), np.float64, "contiguous"),
         ((4096, 64), np.float32, "contiguous"),  # parallel rows kernel, then update_running
         ((4, 3, 5, 5), np.float64, "channels_last"),

@@ -68,11 +68,8 @@ from batchnorm.kernels.forward import (
     normalize_cf,
     normalize_rows,
     normalize_running_rows,
-    running_vectors,
-    split_vectors,
 )
 from batchnorm.kernels.running import numpy_running_step, running_step, running_step_counted
-from batchnorm.kernels.small_rows import backward_small, forward_train_small
 from batchnorm.kernels.stats import stats_cf, stats_rows
 
 # ``forward_train``'s ``running``: (running_mean, running_var, num_batches_tracked | None, momentum)
@@ -320,7 +317,9 @@ def _normalize64(xv, kind, mean, scale, shift, yv, threads) -> None:  # type: ig
         nblk = _blocks_rows(n, c * s, xv.itemsize, threads)
         _k(normalize_rows, threads)(xv.reshape(n, c * s), mean, scale, shift, s, nblk, yv.reshape(n, c * s))
     else:
-        hi, lo, scale, shift = split_vectors(mean, scale, shift, xv[0, 0, :1])
+        dt = xv.dtype
+        hi, lo = _two_part(mean, dt)
+        scale, shift = scale.astype(dt), shift.astype(dt)
         n, c, s = xv.shape
         seg = _seg_cf(n * c, s, xv.itemsize, threads)
         _k(normalize_cf, threads)(
@@ -411,17 +410,21 @@ def _predict_canonical(x, kind: str, running_mean, running_var, eps: float, gamm
     C-contiguous channels-first, or C-contiguous (N, C) / channels-last rows) with vectors of
     x's dtype.
 
-    The general path's kernels (``_normalize64``) on the same float64 vectors, formed in one
-    compiled call (``running_vectors``, the float64 arithmetic of the NumPy path) instead of
-    ~10 NumPy operations on (C,) vectors, and without the checks and conversions for
-    arbitrary strides (``_prepare``).
-    With ``_Output``'s direct allocation for canonical layouts, kernels.normalize_running,
-    float32, 2 threads, the previous code loaded beside it, interleaved, runs of 10 calls:
-    (64, 3, 64, 64) 94 -> 80 us, (16, 1024, 14, 14) 550 -> 413 us, channels-last
-    (16, 64, 56, 56) 432 -> 324 us, (4096, 256) 147 -> 121 us, (256, 16, 32, 32) 791 -> 685 us.
+    The general path's kernels (``_normalize64``) on the same float64 vectors, without the
+    checks and conversions for arbitrary strides (``_prepare``, ``_vector``, ``normalize``'s
+    second set of vectors). The vectors stay NumPy expressions: a compiled helper for them
+    saved ~3 us per call and cost ~0.35 s of compilation on a first call. Float32, 2 threads,
+    previous code loaded beside it, runs of 10 calls, with ``_Output``'s direct allocation
+    (the first version of this path): (64, 3, 64, 64) 94 -> 80 us, (16, 1024, 14, 14)
+    550 -> 413 us, channels-last (16, 64, 56, 56) 432 -> 324 us, (4096, 256) 147 -> 121 us.
     """
     threads = _use_threads(x.size)
-    mean, scale, shift = running_vectors(running_mean, running_var, eps, gamma, beta)
+    mean = running_mean.astype(np.float64)
+    with np.errstate(all="ignore"):  # a negative running_var gives NaN silently, as in torch
+        scale = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    if gamma is not None:
+        scale *= gamma
+    shift = np.zeros(x.shape[1]) if beta is None else beta.astype(np.float64)
     y, y_view = _canonical_empty(x, kind)
     _normalize64(_view(x, kind), kind, mean, scale, shift, y_view, threads)
     return y
@@ -477,16 +480,19 @@ def forward_train(
     """
     if running is not None:
         _check_running(running, x)
-    if out is None and _small_rows(x) and _plain(gamma, x) and _plain(beta, x):
-        nblk = _blocks_rows(x.shape[0], x.shape[1], x.itemsize, 1)
-        if running is None:
-            return forward_train_small(x, gamma, beta, float(eps), nblk, None, None, None, 0.0)
-        running_mean, running_var, tracked, momentum = running
-        if _plain(running_mean, x) and _plain(running_var, x):
-            return forward_train_small(
-                x, gamma, beta, float(eps), nblk, running_mean, running_var, tracked, float(momentum)
-            )
-    result = _forward_train(x, gamma, beta, eps, out)
+    if out is None and _small_rows(x):
+        # the direct .serial call, skipping the layout machinery (see _small_rows)
+        c = x.shape[1]
+        gamma64 = _vector(gamma, c, "gamma", 1.0)
+        beta64 = _vector(beta, c, "beta", 0.0)
+        y = np.empty_like(x)
+        mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
+        nblk = _blocks_rows(x.shape[0], c, x.itemsize, 1)
+        forward_rows.serial(x, 1, nblk, True, gamma64, beta64, float(eps), y, mean, var, invstd)
+        dt = x.dtype
+        result = y, mean.astype(dt), var.astype(dt), invstd.astype(dt)
+    else:
+        result = _forward_train(x, gamma, beta, eps, out)
     if running is not None and x.size:
         update_running(running, result[1], result[2], x.size // x.shape[1])
     return result
@@ -630,14 +636,17 @@ def backward(
         and type(dy) is np.ndarray
         and dy.dtype == x.dtype
         and dy.shape == x.shape
-        and _plain(mean, x)
-        and _plain(invstd, x)
-        and _plain(gamma, x)
     ):
-        # an expanded dy is copied, as _prepare_pair does
-        dyc = dy if dy.flags.c_contiguous else np.ascontiguousarray(dy)
-        nblk = _blocks_rows(x.shape[0], x.shape[1], 2 * x.itemsize, 1)
-        return backward_small(dyc, x, mean, invstd, gamma, nblk)
+        c = x.shape[1]
+        dyc = np.ascontiguousarray(dy)  # what _prepare_pair makes of it (an expanded dy: a copy)
+        mean64 = _vector(mean, c, "mean", 0.0)
+        invstd64 = _vector(invstd, c, "invstd", 1.0)
+        gamma64 = _vector(gamma, c, "gamma", 1.0)
+        dxa = np.empty_like(x)
+        sum_dy, sum_dy_xhat = np.zeros(c), np.zeros(c)
+        nblk = _blocks_rows(x.shape[0], c, 2 * x.itemsize, 1)
+        backward_rows.serial(dyc, x, 1, nblk, mean64, invstd64, gamma64, dxa, sum_dy, sum_dy_xhat)
+        return dxa, sum_dy_xhat.astype(x.dtype), sum_dy.astype(x.dtype)
     xc, dyc, kind = _prepare_pair(dy, x)
     c = x.shape[1]
     dt = _compute_dtype(xc)
