@@ -14,7 +14,8 @@ Contract (shared by the numba kernels here and the Triton kernels in ``kernels/t
 
 Functions::
 
-    forward_train(x, gamma, beta, eps)        -> (y, mean, var, invstd)   var is biased
+    forward_train(x, gamma, beta, eps)        -> (y, mean, var, invstd)   var is biased;
+        running=(running_mean, running_var, num_batches_tracked, momentum) updates those too
     normalize(x, mean, invstd, gamma, beta)   -> y = (x - mean) * invstd * gamma + beta
     normalize_running(x, running_mean, running_var, eps, gamma, beta)  -> normalize with 1/sqrt(var + eps)
     channel_stats(x)                          -> (mean, var)              biased, over N*S values
