@@ -648,3 +648,16 @@ def test_normalize_running_keeps_the_layout_and_normalizes_bits(rng, layout, sha
     np.testing.assert_array_equal(y, kernels.normalize(x, running_mean, invstd, gamma, beta))
     if layout == "channels_last":
         assert np.argsort(y.strides).tolist() == np.argsort(x.strides).tolist()
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 1, 1), (5, 6), (2, 3, 4, 5)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_outputs_have_the_strides_of_a_canonical_input(rng, shape, layout):
+    # _Output and _predict_canonical allocate canonical outputs directly (_canonical_empty):
+    # the same strides as x, also for size-1 spatial axes
+    x = make(rng, shape, np.float32, layout, loc=2.0)
+    c = shape[1]
+    y, mean, _, invstd = kernels.forward_train(x, None, None, 1e-5)
+    dx = kernels.backward(x, x, mean, invstd, None)[0]
+    pred = kernels.normalize_running(x, mean, np.ones(c, np.float32), 1e-5)
+    assert y.strides == dx.strides == pred.strides == x.strides

@@ -40,8 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm.kernels import _buffers
-from batchnorm.kernels._layout import CF
+from batchnorm.kernels._layout import CF, ROWS, _canonical_empty
 
 ACTIVATIONS: dict[str, int] = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 INVERTIBLE = ("identity", "leaky_relu")
@@ -144,17 +143,9 @@ def _in_layout(a: np.ndarray, layout: str, dtype: np.dtype) -> np.ndarray:
 
 
 def _empty_like_layout(x: np.ndarray, layout: str, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(kernel view, array shaped like x) sharing memory, in x's layout."""
-    if x.ndim == 2:
-        full = _buffers.empty(x.shape, dtype)
-        return full, full
-    n, c = x.shape[:2]
-    if layout == "rc" and x.size != n * c:
-        moved = _buffers.empty((n, *x.shape[2:], c), dtype)
-        return moved.reshape(-1, c), np.moveaxis(moved, -1, 1)
-    full = _buffers.empty(x.shape, dtype)
-    # S == 1: (N, C, 1, 1) and its channels-last form are the same memory as (N, C).
-    return full.reshape((n, c) if layout == "rc" else (n, c, -1)), full
+    """(kernel view, array shaped like x) sharing memory, in the kernel layout's memory order."""
+    full, view = _canonical_empty(x, ROWS if layout == "rc" else CF, dtype)
+    return view, full
 
 
 def _out_view(out: np.ndarray | None, x: np.ndarray, layout: str, dtype: np.dtype):

@@ -118,17 +118,22 @@ def _vector(v: np.ndarray | None, channels: int, name: str, default: float) -> n
     return a
 
 
-def _canonical_empty(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """A new array in the layout of ``x`` (canonical: C-contiguous channels-first, or rows:
-    C-contiguous (N, C) or channels-last), and its canonical view ``_view(array, kind)``."""
+def _canonical_empty(
+    x: np.ndarray, kind: str, dtype: np.dtype | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A new array shaped like ``x`` (of x's dtype, or ``dtype``) whose memory is laid out for
+    ``kind``, and its canonical view ``_view(array, kind)``: C-contiguous for channels-first,
+    rows of (N, *spatial) for the rows kind (C-contiguous (N, C), or channels-last)."""
+    dtype = x.dtype if dtype is None else dtype
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])  # shapes, not sizes: an empty batch divides nothing
     if kind == CF:
-        array = _buffers.empty(x.shape, x.dtype)
+        array = _buffers.empty(x.shape, dtype)
         return array, array.reshape(n, c, spatial)
-    rows = _buffers.empty((n * spatial, c), x.dtype)
-    if x.ndim == 2:
-        return rows, rows
+    if spatial == 1:  # (N, C) and (N, C, 1, ...): C-contiguous is already the rows layout
+        array = _buffers.empty(x.shape, dtype)
+        return array, array.reshape(n, c)
+    rows = _buffers.empty((n * spatial, c), dtype)
     # channels-last: rows of (N, *spatial) in memory, seen in x's axis order
     return rows.reshape(n, *x.shape[2:], c).transpose(0, x.ndim - 1, *range(1, x.ndim - 1)), rows
 
