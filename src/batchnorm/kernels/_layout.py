@@ -125,12 +125,15 @@ def _canonical_empty(
     ``kind``, and its canonical view ``_view(array, kind)``: C-contiguous for channels-first,
     rows of (N, *spatial) for the rows kind (C-contiguous (N, C), or channels-last)."""
     dtype = x.dtype if dtype is None else dtype
+    if x.ndim == 2:  # (N, C): its own rows view (the common small-MLP call, kept to ~0.4 us)
+        array = _buffers.empty(x.shape, dtype)
+        return array, array
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])  # shapes, not sizes: an empty batch divides nothing
     if kind == CF:
         array = _buffers.empty(x.shape, dtype)
         return array, array.reshape(n, c, spatial)
-    if spatial == 1:  # (N, C) and (N, C, 1, ...): C-contiguous is already the rows layout
+    if spatial == 1:  # (N, C, 1, ...): C-contiguous is already the rows layout
         array = _buffers.empty(x.shape, dtype)
         return array, array.reshape(n, c)
     rows = _buffers.empty((n * spatial, c), dtype)
@@ -155,11 +158,6 @@ class _Output:
                     "pass out=None to allocate"
                 )
         self.out = out
-        if out is None and kind == ROWS and x.ndim == 2:
-            # empty_like of a C-contiguous (R, C) array is one: no layout checks (the common
-            # (N, C) call: _Output 1.6 -> 0.4 us)
-            self.array = self.view = _buffers.empty(x.shape, x.dtype)
-            return
         if out is None and kind != _CF_T:
             # x is canonical (``_prepare``): allocate in its layout directly, without
             # empty_like's stride sort and the layout checks. Channels-last (16, 64, 56, 56)
