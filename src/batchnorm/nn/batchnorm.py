@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import _custom_ops, _torch_ops, functional
+from batchnorm.nn import _views
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase", "torch_bias_kwarg"]
 
@@ -302,40 +303,41 @@ class BatchNormBase:
             )
             if tracks and (self.momentum is None or running_mean.requires_grad or running_var.requires_grad):
                 return None
-            running = counted = None
+            tracked = None
             if tracks:
                 # the update happens in the kernel call, on the buffers' memory, counter
                 # included (bit-identical to torch's update; see kernels' update_running)
                 tracked = buffers.get("num_batches_tracked")
-                counted = (
-                    tracked is not None
-                    and tracked.is_cpu
-                    and not tracked.requires_grad
-                    and tracked.dim() == 0
-                    and not tracked.is_floating_point()
-                )
-                running = (
-                    running_mean.numpy(),  # type: ignore[union-attr]
-                    running_var.numpy(),  # type: ignore[union-attr]
-                    tracked.numpy() if counted else None,  # type: ignore[union-attr]
-                    float(self.momentum),  # type: ignore[arg-type]
-                )
-            y = self._fast_train(input, weight, bias, eps, running)
-            if tracks and not counted and buffers.get("num_batches_tracked") is not None:
-                self._count_batch()
-            return y
+                if tracked is not None and (
+                    not tracked.is_cpu
+                    or tracked.requires_grad
+                    or tracked.dim() != 0
+                    or tracked.is_floating_point()
+                ):
+                    return None  # an odd counter: the general path counts it
+            arrays = _views.views(
+                self,
+                weight,
+                bias,
+                running_mean if tracks else None,
+                running_var if tracks else None,
+                tracked,
+                float(self.momentum) if tracks else None,  # type: ignore[arg-type]
+            )
+            return self._fast_train(input, weight, bias, eps, arrays)
         if running_mean is None or running_var is None or count == 0:
             return None
         if _in_onnx_export():
             return None
-        return self._fast_eval(input, running_mean, running_var, weight, bias, eps)
+        arrays = _views.views(self, weight, bias, running_mean, running_var, None, None)
+        return self._fast_eval(input, running_mean, running_var, weight, bias, eps, arrays)
 
     def _fast_train(
-        self, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, running: Any
+        self, input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, arrays: _views.Views
     ) -> Tensor:
-        """``_forward_fast``'s training step: y, after updating ``running`` (None, or
+        """``_forward_fast``'s training step: y, after updating ``arrays.running`` (None, or
         ``kernels.forward_train``'s tuple of NumPy views of the buffers) from the batch."""
-        return _custom_ops.train_eager(input, weight, bias, eps, running)
+        return _custom_ops.train_eager(input, weight, bias, eps, arrays)
 
     def _fast_eval(
         self,
@@ -345,10 +347,11 @@ class BatchNormBase:
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
+        arrays: _views.Views,
     ) -> Tensor | None:
         """``_forward_fast``'s prediction step (None: take the general path)."""
         if not _custom_ops._needs_grad(input, weight, bias):
-            return _torch_ops.normalize_running(input, running_mean, running_var, eps, weight, bias)
+            return _torch_ops.normalize_running_arrays(input, eps, arrays)
         return _custom_ops.batch_norm_inference(input, running_mean, running_var, weight, bias, eps)
 
     def _load_from_state_dict(
