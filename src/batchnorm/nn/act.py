@@ -172,17 +172,20 @@ def backward_dx_act(
     return _tensor(dx, saved.dtype)
 
 
-def _forward_train(x: Tensor, weight, bias, eps: float, act: str, slope: float):  # type: ignore[no-untyped-def]
+def _forward_train(x: Tensor, weight, bias, eps: float, act: str, slope: float, params=None):  # type: ignore[no-untyped-def]
     """``(y, mean, var, invstd, arrays)``: on the numba path the statistics are NumPy arrays
     (they go straight back to the kernels: no tensor round trip) and ``arrays`` holds the
     views of x, weight and bias for the backward when x is float32/float64 (else ``()``);
-    on Triton the statistics are tensors and ``arrays`` is None."""
+    on Triton the statistics are tensors and ``arrays`` is None. ``params``: NumPy views of
+    weight and bias in x's dtype the caller already has (the module's fast path), or None."""
     gpu = _torch_ops._backend(x)
     if gpu is not None:
         return (*gpu.forward_train_act(x, weight, bias, eps, act, slope), None)
     if x.dtype in _NUMPY_DTYPES:
         d = x.dtype
-        arrays = (_torch_ops._np(x), _numpy(weight, d), _numpy(bias, d))
+        if params is None:
+            params = (_numpy(weight, d), _numpy(bias, d))
+        arrays = (_torch_ops._np(x), *params)
         y, mean, var, invstd = _kernels.forward_train(*arrays, eps, act, slope)
         return torch.from_numpy(y), mean, var, invstd, arrays
     cd = _compute_dtype(x)
@@ -210,7 +213,7 @@ def _backward(ctx, dy):  # type: ignore[no-untyped-def]
     dx = dx if need[0] else None
     dweight = _cast(dweight, weight.dtype) if weight is not None and need[1] else None
     dbias = _cast(dbias, bias.dtype) if bias is not None and need[2] else None
-    return dx, dweight, dbias, None, None, None, None, None
+    return dx, dweight, dbias, None, None, None, None, None, None
 
 
 _backward_once = once_differentiable(_backward)
@@ -228,8 +231,8 @@ class _BatchNormActFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, act, slope, save_memory, stats):  # type: ignore[override]
-        y, mean, var, invstd, arrays = _forward_train(x, weight, bias, eps, act, slope)
+    def forward(ctx, x, weight, bias, eps, act, slope, save_memory, stats, params):  # type: ignore[override]
+        y, mean, var, invstd, arrays = _forward_train(x, weight, bias, eps, act, slope, params)
         stats += (mean, var)
         ctx.save_for_backward(y if save_memory else x, weight, bias)
         if arrays and save_memory:
@@ -254,21 +257,22 @@ class _BatchNormActFunction(torch.autograd.Function):
 _APPLY = super(torch.autograd.Function, _BatchNormActFunction).apply
 
 
-def _train(x: Tensor, weight, bias, eps: float, act: str, slope: float, save_memory: bool):  # type: ignore[no-untyped-def]
-    """``(y, mean, var)``: through the autograd Function only when a gradient can flow."""
+def _train(x: Tensor, weight, bias, eps: float, act: str, slope: float, save_memory: bool, params=None):  # type: ignore[no-untyped-def]
+    """``(y, mean, var)``: through the autograd Function only when a gradient can flow.
+    ``params``: as ``_forward_train``'s."""
     needs_graph = torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
     if not needs_graph and not torch.jit.is_tracing():
-        y, mean, var, _, _ = _forward_train(x, weight, bias, eps, act, slope)
+        y, mean, var, _, _ = _forward_train(x, weight, bias, eps, act, slope, params)
         return y, mean, var
     stats: list = []
     if torch._C._are_functorch_transforms_active():
-        y = _BatchNormActFunction.apply(x, weight, bias, eps, act, slope, save_memory, stats)
+        y = _BatchNormActFunction.apply(x, weight, bias, eps, act, slope, save_memory, stats, params)
     else:
-        y = _APPLY(x, weight, bias, eps, act, slope, save_memory, stats)
+        y = _APPLY(x, weight, bias, eps, act, slope, save_memory, stats, params)
     return y, stats[0], stats[1]
 
 
@@ -481,7 +485,9 @@ class _BatchNormActMixin(BatchNormBase):
         return y
 
     def _fast_train(self, input: Tensor, weight, bias, eps: float, arrays):  # type: ignore[no-untyped-def]
-        y, mean, var = _train(input, weight, bias, eps, self.act, self.negative_slope, False)
+        y, mean, var = _train(
+            input, weight, bias, eps, self.act, self.negative_slope, False, (arrays.weight, arrays.bias)
+        )
         if arrays.running is not None:
             update_running(arrays.running, mean, var, input.numel() // input.shape[1])
         return y
