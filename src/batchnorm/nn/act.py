@@ -337,15 +337,17 @@ def batch_norm_act(
 
 def _inference_numba(
     x: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None,
-    eps: float, act: str, slope: float,
+    eps: float, act: str, slope: float, arrays=None,
 ) -> Tensor:  # fmt: skip
     """Prediction on the numba kernels, all in NumPy on the buffers' memory: the torch ops for
-    invstd and the casts would cost more than the kernel on small inputs."""
+    invstd and the casts would cost more than the kernel on small inputs. ``arrays``: the
+    module's ``nn._views.Views`` of the four tensors (in x's dtype), or None to convert them."""
     cd = _compute_dtype(x)
-    y = _kernels.forward_inference(
-        _numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd), _numpy_stat(running_mean),
-        _numpy_stat(running_var), eps, act, slope,
-    )  # fmt: skip
+    if arrays is None:
+        params = (_numpy(weight, cd), _numpy(bias, cd), _numpy_stat(running_mean), _numpy_stat(running_var))
+    else:
+        params = (arrays.weight, arrays.bias, arrays.running_mean, arrays.running_var)
+    y = _kernels.forward_inference(_numpy(x, cd), *params, eps, act, slope)
     return _tensor(y, x.dtype)
 
 
@@ -495,12 +497,9 @@ class _BatchNormActMixin(BatchNormBase):
     def _fast_eval(self, input: Tensor, running_mean, running_var, weight, bias, eps: float, arrays):  # type: ignore[no-untyped-def]
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
             return None  # recording in eval mode: the general path (torch's batch_norm + act)
-        # the fast path's tensors share x's float dtype: the module's NumPy views serve as is
-        y = _kernels.forward_inference(
-            input.numpy(force=True), arrays.weight, arrays.bias, arrays.running_mean,
-            arrays.running_var, eps, self.act, self.negative_slope,
-        )  # fmt: skip
-        return torch.from_numpy(y)
+        return _inference_numba(
+            input, running_mean, running_var, weight, bias, eps, self.act, self.negative_slope, arrays
+        )
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
