@@ -330,6 +330,12 @@ def _train_eager_backward(ctx, dy):  # type: ignore[no-untyped-def]
 _train_eager_backward_once = once_differentiable(_train_eager_backward)
 
 
+def _forward_views(x_np: Any, eps: float, arrays: Any):  # type: ignore[no-untyped-def]
+    """The training kernel on x's NumPy view with the module's views (``nn._views.Views``),
+    updating its running buffers: ``(y, mean, var, invstd)`` as NumPy arrays."""
+    return _torch_ops.cpu_kernels.forward_train(x_np, arrays.weight, arrays.bias, eps, running=arrays.running)
+
+
 class _TrainEager(torch.autograd.Function):
     """The modules' eager training forward on CPU float32/float64: y only, the running buffers
     updated inside the kernel call.
@@ -341,13 +347,10 @@ class _TrainEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, arrays):  # type: ignore[override]
         x_np = x.numpy(force=True)
-        w_np = arrays.weight
-        y, mean, _, invstd = _torch_ops.cpu_kernels.forward_train(
-            x_np, w_np, arrays.bias, eps, running=arrays.running
-        )
+        y, mean, _, invstd = _forward_views(x_np, eps, arrays)
         ctx.save_for_backward(x, weight)
         # The statistics stay NumPy arrays for the backward kernel (no tensor round trip).
-        ctx.arrays = (x_np, w_np, mean, invstd)
+        ctx.arrays = (x_np, arrays.weight, mean, invstd)
         ctx.has_bias = bias is not None
         return torch.from_numpy(y)
 
@@ -371,11 +374,7 @@ def train_eager(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: floa
     The caller (``BatchNormBase``'s fast path) has checked everything ``check_args`` checks.
     """
     if not _needs_grad(x, weight, bias):
-        return torch.from_numpy(
-            _torch_ops.cpu_kernels.forward_train(
-                x.numpy(force=True), arrays.weight, arrays.bias, eps, running=arrays.running
-            )[0]
-        )
+        return torch.from_numpy(_forward_views(x.numpy(force=True), eps, arrays)[0])
     if torch._C._are_functorch_transforms_active():
         return _TrainEager.apply(x, weight, bias, eps, arrays)
     return _TRAIN_EAGER_APPLY(x, weight, bias, eps, arrays)

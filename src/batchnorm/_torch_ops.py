@@ -161,21 +161,10 @@ def _np_as(t: torch.Tensor | None, dtype: torch.dtype) -> Any:
     return (t if t.dtype == dtype else t.detach().to(dtype)).numpy(force=True)
 
 
-def forward_train_arrays(x, weight, bias, eps: float, running=None):
-    """``forward_train`` for a ``_direct`` x: y as a tensor, the statistics as NumPy arrays.
-
-    ``running``: ``kernels.forward_train``'s, NumPy views of the buffers to update in place.
-    """
-    y, mean, var, invstd = cpu_kernels.forward_train(
-        _np(x), _np_as(weight, x.dtype), _np_as(bias, x.dtype), eps, running=running
-    )
-    return torch.from_numpy(y), mean, var, invstd
-
-
 def forward_train(x, weight, bias, eps: float):
     if _direct(x):
-        y, mean, var, invstd = forward_train_arrays(x, weight, bias, eps)
-        return y, torch.from_numpy(mean), torch.from_numpy(var), torch.from_numpy(invstd)
+        arrays = cpu_kernels.forward_train(_np(x), _np_as(weight, x.dtype), _np_as(bias, x.dtype), eps)
+        return tuple(torch.from_numpy(a) for a in arrays)
     return _run("forward_train", (x, weight, bias), (eps,), x, n_full=1)
 
 
