@@ -20,8 +20,9 @@ from batchnorm.kernels import _dispatch
 RTOL = {np.float64: 1e-10, np.float32: 1e-5, np.float16: 3e-3}
 DTYPES = list(RTOL)
 LAYOUTS = ["contiguous", "channels_last", "sliced", "fortran"]
-# (2, 9, 5): 9 channels in 2 uneven channel blocks on 2 threads (the fused channels-first kernels)
-SHAPES = [(7, 5), (4, 3, 33), (3, 6, 5, 7), (2, 3, 4, 5, 6), (1, 4, 9, 11), (2, 9, 5)]
+# (2, 9, 5): 9 channels in 2 uneven channel blocks on 2 threads (the fused channels-first kernels);
+# (18, 3, 2, 3): short runs read as rows of C * S (``_short_runs``), 9 of them to a row in parallel
+SHAPES = [(7, 5), (4, 3, 33), (3, 6, 5, 7), (2, 3, 4, 5, 6), (1, 4, 9, 11), (2, 9, 5), (18, 3, 2, 3)]
 
 
 def make(rng, shape, dtype, layout, loc=0.0, scale=1.0):
@@ -501,12 +502,48 @@ def test_update_running_with_a_counter_is_the_update_plus_one_count(rng, dtype, 
 
 
 def test_fused_channel_blocks_need_long_runs_or_small_blocks():
-    """Large blocks of short strided runs take the unfused path; short runs in small blocks and
-    long runs in large blocks stay fused."""
-    assert _dispatch._channel_blocks(256, 16, 1024, 4, 1, 2) == 0  # 1 MB blocks of 4 KB runs
+    """Large blocks of short strided runs take the unfused path, or in a forward one block per
+    thread when the whole slab is small enough; short runs in small blocks and long runs in
+    large blocks stay fused."""
+    train_forward = {"train_forward": True}
+    assert (
+        _dispatch._channel_blocks(256, 16, 1024, 4, 1, 2, **train_forward) == 0
+    )  # 1 MB blocks, 4 KB runs, 16 MiB
+    assert (
+        _dispatch._channel_blocks(128, 64, 256, 4, 1, 2, **train_forward) == 2
+    )  # 8 MiB: 2 blocks, 32 KB runs
+    assert _dispatch._channel_blocks(128, 64, 256, 4, 1, 4, **train_forward) == 4  # one block per thread
+    assert (
+        _dispatch._channel_blocks(128, 63, 256, 4, 1, 2, **train_forward) == 0
+    )  # 63 channels: no even split
+    assert _dispatch._channel_blocks(128, 64, 256, 4, 1, 2) == 0  # a single pass stays unfused
+    assert _dispatch._channel_blocks(64, 64, 256, 4, 2, 2) == 0  # and so does the backward
     assert _dispatch._channel_blocks(64, 128, 16, 4, 1, 2) == 2  # 256 KB blocks of 4 KB runs
     assert _dispatch._channel_blocks(16, 64, 112 * 112, 4, 1, 2) == 64  # 800 KB blocks of 50 KB runs
     assert _dispatch._channel_blocks(16, 2048, 49, 4, 2, 2) > 0
+
+
+def test_short_run_blocks_fused_one_per_thread_match_reference(rng, monkeypatch):
+    """The forward's one-block-per-thread fallback for short runs (tiny thresholds make a
+    test-sized input take it) computes what the reference does, and the backward after it."""
+    monkeypatch.setattr(_dispatch, "_CHANNEL_BLOCK_BYTES", 64)
+    monkeypatch.setattr(_dispatch, "_MIN_RUN_BYTES", 1 << 30)
+    monkeypatch.setattr(_dispatch, "_PARALLEL_MIN", 0)
+    shape = (8, 6, 5, 7)
+    threads = kernels.num_threads()
+    assert _dispatch._channel_blocks(8, 6, 35, 4, 1, threads, train_forward=True) == (
+        threads if threads in (2, 3, 6) else 0
+    )
+    x = make(rng, shape, np.float32, "contiguous", loc=3.0, scale=2.0)
+    dy = make(rng, shape, np.float32, "contiguous")
+    gamma = rng.normal(1.0, 0.5, 6).astype(np.float32)
+    beta = rng.normal(0.0, 1.0, 6).astype(np.float32)
+    y_ref, cache = reference.forward(x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64))
+    dx_ref, dgamma_ref, dbeta_ref = reference.backward(dy.astype(np.float64), cache)
+    y, mean, _, invstd = kernels.forward_train(x, gamma, beta, 1e-5)
+    dx, dgamma, dbeta = kernels.backward(dy, x, mean, invstd, gamma)
+    for actual, expected in ((y, y_ref), (dx, dx_ref), (dgamma, dgamma_ref), (dbeta, dbeta_ref)):
+        close(actual, expected, np.float32)
 
 
 def test_stale_numba_caches_are_dropped_when_a_kernel_source_changes(tmp_path):

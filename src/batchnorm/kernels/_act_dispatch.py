@@ -309,7 +309,9 @@ def forward_train(x, gamma, beta, eps: float, act: str = "relu", slope: float = 
     if layout == "rc" and threads == 1 and v.nbytes <= _BLOCK_BYTES:
         mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
         _kernels().forward_train_act_rows(v, g, b, float(eps), code, float(slope), y_view, mean, var, invstd)
-    elif layout == "ncs" and (nb := _dispatch()._channel_blocks(*v.shape, v.itemsize, 1, threads)):
+    elif layout == "ncs" and (
+        nb := _dispatch()._channel_blocks(*v.shape, v.itemsize, 1, threads, train_forward=True)
+    ):
         mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
         _k(_kernels().forward_act_cf, threads)(
             v, nb, True, g, b, float(eps), code, float(slope), y_view, mean, var, invstd

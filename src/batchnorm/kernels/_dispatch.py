@@ -93,12 +93,15 @@ def checked_running(running: object, channels: int) -> CheckedRunning:
 
 
 # A channel's slab (x, or x and dy in backward) up to this size is processed by one thread in
-# one go, its later passes served from cache (the 2 MiB L2 per core, 32 MiB shared L3 here).
+# one go, its later passes served from cache (1 MiB of L2 per core, 32 MiB of shared L3 here).
 _SLAB_BYTES = 4 << 20
 # Fused channels-first kernels work on blocks of consecutive channels of about this size;
 # blocks over half of it need runs (a block's values at one n) of _MIN_RUN_BYTES or more.
 _CHANNEL_BLOCK_BYTES = 1 << 20
 _MIN_RUN_BYTES = 16 << 10
+# A forward input of at most this size whose blocks would be short-run is fused anyway, as one
+# block per thread (the longest runs; the second pass comes from L3).
+_SHORT_RUN_SLAB_BYTES = 8 << 20
 # Split reductions use blocks up to this size so their second pass hits L2.
 _BLOCK_BYTES = 1 << 20
 # Rows layout: blocks of rows up to this size (a block's partial sums are C float64 each).
@@ -111,8 +114,9 @@ _PARALLEL_MIN = 1 << 15
 # _MAX_WIDE_ROW "virtual channels" (see ``_widen``).
 _WIDE_ROW = 64
 _MAX_WIDE_ROW = 256
-# Channels-first normalization with S below this, N at least _SHORT_MIN_N and C * S up to
-# _SHORT_MAX_ROW runs as rows (``_short_runs``).
+# Channels-first inputs with S below this, N at least _SHORT_MIN_N and C * S up to
+# _SHORT_MAX_ROW run as rows of C * S (``_short_runs``): normalization, training forward and
+# backward.
 _SHORT_RUN = 32
 _SHORT_MIN_N = 16
 _SHORT_MAX_ROW = 2048
@@ -225,7 +229,9 @@ def _seg_cf(rows: int, s: int, itemsize: int, threads: int) -> int:
     return max(1, min(max(by_cache, by_balance), s))
 
 
-def _channel_blocks(n: int, c: int, s: int, itemsize: int, arrays: int, threads: int) -> int:
+def _channel_blocks(
+    n: int, c: int, s: int, itemsize: int, arrays: int, threads: int, train_forward: bool = False
+) -> int:
     """Blocks of consecutive channels for the fused kernels, or 0 where they do not apply.
 
     A block's slab (``arrays`` arrays of ``itemsize`` per value: x, or x and dy in backward)
@@ -238,6 +244,18 @@ def _channel_blocks(n: int, c: int, s: int, itemsize: int, arrays: int, threads:
     interleaved A/B, 2 threads, kernels.forward_train 2.79 ms fused vs 1.67 ms unfused (row
     pieces in memory order), backward 3.02 vs 2.64 ms. Short runs in a small block are fine:
     (64, 128, 4, 4), 64 runs of 4 KB per block, 256 KB: 70 us fused vs 183 us unfused.
+
+    Where that rule leaves a training forward's input (``train_forward``) of at most
+    _SHORT_RUN_SLAB_BYTES unfused, it is fused as one block per thread instead: runs of
+    C / threads channels, the second pass from L3. kernels.forward_train, float32, 2 threads,
+    interleaved, this rule vs the unfused path, us, warm / after a 16 MB write:
+    (128, 256, 4, 4) 153 vs 408 / 632 vs 866, (256, 512, 4, 4) 991 vs 2132 / 2043 vs 3076,
+    (128, 128, 8, 8) 292 vs 478 / 790 vs 957, (512, 64, 8, 8) 455 vs 669 / 1289 vs 1317,
+    (128, 64, 16, 16) 418 vs 502 / 1184 vs 1269. Larger inputs gain or lose (16 MiB:
+    (1024, 64, 8, 8) 2290 vs 2410, (512, 32, 16, 16) 1707 vs 1421 warm), and so does the
+    backward on its x and dy ((64, 32, 16, 16), 4 MiB of both: 156-276 vs 149-211 warm,
+    648-751 vs 662-689 cold): those stay unfused. A pass that reads x once (BatchNormAct's
+    prediction) only loses: (512, 64, 8, 8) 428-461 vs 287-290 us.
     """
     per_channel = n * s * itemsize * arrays
     if per_channel > _SLAB_BYTES:
@@ -249,7 +267,9 @@ def _channel_blocks(n: int, c: int, s: int, itemsize: int, arrays: int, threads:
         nb = c if c % threads == 0 or c >= 8 * threads else 0
     channels = -(-c // nb) if nb else 0  # per block, at most
     if nb and channels * s * itemsize < _MIN_RUN_BYTES and channels * per_channel > _CHANNEL_BLOCK_BYTES // 2:
-        return 0
+        nb = 0
+    if not nb and train_forward and c % threads == 0 and c * per_channel <= _SHORT_RUN_SLAB_BYTES:
+        return threads
     return nb
 
 
@@ -283,8 +303,11 @@ def _short_runs(xv: np.ndarray) -> bool:
     per-column constants repeat each channel's S times and the loop runs across the row.
     float32, 2 threads, kernels.normalize: (64, 128, 4, 4) 76 -> 49 us, (128, 64, 4, 4)
     75 -> 33 us; with rows of 4096 values ((64, 64, 8, 8)) it was slower (53 -> 83 us: the
-    four per-column vectors no longer sit in L1). The training kernels stay channels-first:
-    their per-column partial sums made the same reading 1.1-6x slower there.
+    four per-column vectors no longer sit in L1). The training forward and backward read
+    such inputs as rows too (``forward_rows``, ``backward_rows`` with run S): raw kernels,
+    forward / backward vs the fused channels-first ones, (512, 256, 2, 2) 122 / 161 vs
+    772 / 1059 us, (128, 64, 4, 4) 37 / 47 vs 68 / 87 us; at rows of 4096 or more values
+    they lose there too ((128, 128, 8, 8) 562 / 1009 vs 248 / 467 us).
     """
     n, c, s = xv.shape
     return s < _SHORT_RUN and n >= _SHORT_MIN_N and c * s <= _SHORT_MAX_ROW
@@ -328,7 +351,7 @@ def _normalize64(xv, kind, mean, scale, shift, yv, threads) -> None:  # type: ig
         xw = _wide(xv, k)
         nblk = _blocks_rows(xw.shape[0], xw.shape[1], xv.itemsize, threads)
         ones = np.ones(xv.shape[1])
-        _k(forward_rows, threads)(xw, k, nblk, False, scale, shift, 0.0, _wide(yv, k), mean, ones, ones)
+        _k(forward_rows, threads)(xw, k, 1, nblk, False, scale, shift, 0.0, _wide(yv, k), mean, ones, ones)
     elif _short_runs(xv):
         n, c, s = xv.shape
         nblk = _blocks_rows(n, c * s, xv.itemsize, threads)
@@ -508,7 +531,7 @@ def forward_train(
         y = np.empty_like(x)
         mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
         nblk = _blocks_rows(x.shape[0], c, x.itemsize, 1)
-        forward_rows.serial(x, 1, nblk, True, gamma64, beta64, float(eps), y, mean, var, invstd)
+        forward_rows.serial(x, 1, 1, nblk, True, gamma64, beta64, float(eps), y, mean, var, invstd)
         dt = x.dtype
         result = y, mean.astype(dt), var.astype(dt), invstd.astype(dt)
     else:
@@ -540,9 +563,17 @@ def _forward_train(
         xw = _wide(xv, k)
         nblk = _blocks_rows(xw.shape[0], c * k, xv.itemsize, threads)
         _k(forward_rows, threads)(
-            xw, k, nblk, True, gamma64, beta64, float(eps), _wide(y.view, k), mean, var, invstd
+            xw, k, 1, nblk, True, gamma64, beta64, float(eps), _wide(y.view, k), mean, var, invstd
         )
-    elif nb := _channel_blocks(xv.shape[0], c, xv.shape[2], xv.itemsize, 1, threads):
+    elif _short_runs(xv):
+        n, _, s = xv.shape
+        mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
+        k = _widen(n, c * s, xv.size)
+        xw = _wide(xv.reshape(n, c * s), k)
+        nblk = _blocks_rows(xw.shape[0], xw.shape[1], xv.itemsize, threads)
+        yw = _wide(y.view.reshape(n, c * s), k)
+        _k(forward_rows, threads)(xw, k, s, nblk, True, gamma64, beta64, float(eps), yw, mean, var, invstd)
+    elif nb := _channel_blocks(xv.shape[0], c, xv.shape[2], xv.itemsize, 1, threads, train_forward=True):
         mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
         _k(forward_train_cf, threads)(xv, nb, gamma64, beta64, float(eps), y.view, mean, var, invstd)
     else:
@@ -665,7 +696,7 @@ def backward(
         dxa = np.empty_like(x)
         sum_dy, sum_dy_xhat = np.zeros(c), np.zeros(c)
         nblk = _blocks_rows(x.shape[0], c, 2 * x.itemsize, 1)
-        backward_rows.serial(dyc, x, 1, nblk, mean64, invstd64, gamma64, dxa, sum_dy, sum_dy_xhat)
+        backward_rows.serial(dyc, x, 1, 1, nblk, mean64, invstd64, gamma64, dxa, sum_dy, sum_dy_xhat)
         return dxa, sum_dy_xhat.astype(x.dtype), sum_dy.astype(x.dtype)
     xc, dyc, kind = _prepare_pair(dy, x)
     c = x.shape[1]
@@ -683,7 +714,25 @@ def backward(
             xw = _wide(xv, k)
             nblk = _blocks_rows(xw.shape[0], c * k, 2 * xv.itemsize, threads)
             _k(backward_rows, threads)(
-                _wide(dyv, k), xw, k, nblk, mean64, invstd64, gamma64, _wide(dx.view, k), sum_dy, sum_dy_xhat
+                _wide(dyv, k),
+                xw,
+                k,
+                1,
+                nblk,
+                mean64,
+                invstd64,
+                gamma64,
+                _wide(dx.view, k),
+                sum_dy,
+                sum_dy_xhat,
+            )
+        elif _short_runs(xv):
+            n, _, s = xv.shape
+            k = _widen(n, c * s, xv.size)
+            xw, dyw, dxw = (_wide(a.reshape(n, c * s), k) for a in (xv, dyv, dx.view))
+            nblk = _blocks_rows(xw.shape[0], xw.shape[1], 2 * xv.itemsize, threads)
+            _k(backward_rows, threads)(
+                dyw, xw, k, s, nblk, mean64, invstd64, gamma64, dxw, sum_dy, sum_dy_xhat
             )
         elif nb := _channel_blocks(xv.shape[0], c, xv.shape[2], xv.itemsize, 2, threads):
             _k(backward_cf, threads)(dyv, xv, nb, mean64, invstd64, gamma64, dx.view, sum_dy, sum_dy_xhat)
@@ -700,7 +749,7 @@ def backend_table() -> list[dict[str, str]]:
     threads = f"{num_threads()} threads (1 below {_PARALLEL_MIN} elements)"
     layouts = {
         "(N, C, *spatial) contiguous": (
-            f"numba, channel blocks fused, in memory order (row pieces if C is small; eval of "
+            f"numba, channel blocks fused, in memory order (row pieces if C is small; "
             f"S < {_SHORT_RUN} as rows of C*S); {threads}",
             "float64 accumulation",
         ),

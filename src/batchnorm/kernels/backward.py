@@ -234,25 +234,32 @@ def backward_dx_rows(dy, x, mean_hi, mean_lo, a, mdy, k, nblk, dx):  # pragma: n
 
 @elementwise_kernel
 def backward_rows(
-    dy, x, groups, nblk, mean, invstd, gamma, dx, sum_dy, sum_dy_xhat
+    dy, x, groups, run, nblk, mean, invstd, gamma, dx, sum_dy, sum_dy_xhat
 ):  # pragma: no cover - compiled
-    """dy, x, dx: (R, W) rows, W = groups * C (as ``forward_rows``); both passes in one call.
+    """dy, x, dx: (R, W) rows, column j of channel ``(j // run) % C``, W = groups * C * run (as
+    ``forward_rows``: rows regrouped, or a channels-first input with short S read as rows of
+    C * S); both passes in one call.
 
     The reduction as ``backward_reduce_rows`` (``_reduce_block``: SUB rows in x's dtype per
     float64 update, two-part mean), the per-channel combine, then the dx pass in x's dtype. One call instead
     of two kernels and the NumPy vector arithmetic between them, for every rows input. One
     thread, float32, reused out, kernels.backward: (256, 1024) 142 -> 130 us, (50176, 64)
     2224 -> 2169 us (the two kernels, themselves sped up, vs this one; noisy shared machine).
+    Short runs read as rows: raw kernel, float32, 2 threads, vs ``backward_cf``:
+    (512, 256, 2, 2) 161 vs 1059 us, (1024, 16, 3, 3) 45 vs 198 us, (128, 64, 4, 4) 47 vs 87 us.
     """
     r_, w_ = x.shape
-    c_ = w_ // groups
-    # column j = g * C + c: loops over (g, c), not j % C per column (as forward_rows)
+    c_ = w_ // (groups * run)
+    # column j = (g * C + c) * run + i, walked in that order (as forward_rows)
     hi = x[0].copy()
     lo = x[0].copy()
-    for g in range(groups):
+    j = 0
+    for _ in range(groups):
         for c in range(c_):
-            hi[g * c_ + c] = mean[c]
-            lo[g * c_ + c] = mean[c] - hi[g * c_ + c]
+            for _ in range(run):
+                hi[j] = mean[c]
+                lo[j] = mean[c] - hi[j]
+                j += 1
     part = np.zeros((nblk, 2, w_))
     for b in prange(nblk):
         _reduce_block(dy, x, hi, lo, b * r_ // nblk, (b + 1) * r_ // nblk, part[b, 0], part[b, 1])
@@ -260,23 +267,28 @@ def backward_rows(
         sum_dy[c] = 0.0
         sum_dy_xhat[c] = 0.0
     for b in range(nblk):
-        for g in range(groups):
+        j = 0
+        for _ in range(groups):
             for c in range(c_):
-                sum_dy[c] += part[b, 0, g * c_ + c]
-                sum_dy_xhat[c] += part[b, 1, g * c_ + c]
-    m = r_ * groups
+                for _ in range(run):
+                    sum_dy[c] += part[b, 0, j]
+                    sum_dy_xhat[c] += part[b, 1, j]
+                    j += 1
+    m = r_ * groups * run
     a = x[0].copy()
     mdy = x[0].copy()
     k = x[0].copy()
     for c in range(c_):
         sum_dy_xhat[c] *= invstd[c]
-    for g in range(groups):
+    j = 0
+    for _ in range(groups):
         for c in range(c_):
-            j = g * c_ + c
-            a[j] = gamma[c] * invstd[c]  # gamma invstd
-            mdy[j] = sum_dy[c] / m  # mean(dy)
-            k[j] = sum_dy_xhat[c] / m * invstd[c]  # mean(dy x_hat) invstd, multiplies (x - mean)
-            mdy[j] -= lo[j] * k[j]  # the low half of the mean folded in (as backward_dx_rows)
+            for _ in range(run):
+                a[j] = gamma[c] * invstd[c]  # gamma invstd
+                mdy[j] = sum_dy[c] / m  # mean(dy)
+                k[j] = sum_dy_xhat[c] / m * invstd[c]  # mean(dy x_hat) invstd, multiplies (x - mean)
+                mdy[j] -= lo[j] * k[j]  # the low half of the mean folded in (as backward_dx_rows)
+                j += 1
     for b in prange(nblk):
         for r in range(b * r_ // nblk, (b + 1) * r_ // nblk):
             xr = x[r]

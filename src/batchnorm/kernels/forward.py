@@ -228,16 +228,18 @@ def normalize_running_rows(x, running_mean, running_var, eps, gamma, beta, y):  
 
 @elementwise_kernel
 def forward_rows(
-    x, groups, nblk, batch_stats, gamma, beta, eps, y, mean, var, invstd
+    x, groups, run, nblk, batch_stats, gamma, beta, eps, y, mean, var, invstd
 ):  # pragma: no cover - compiled
-    """x, y: (R, W) rows, W = groups * C (``groups`` rows of C channels read as one, see
-    ``_dispatch._widen``); statistics (with ``batch_stats``) and output in one call.
+    """x, y: (R, W) rows, column j of channel ``(j // run) % C``: W = groups * C (``groups``
+    rows of C channels read as one, see ``_dispatch._widen``; run 1), or a contiguous (N, C, S)
+    input with short S read as N rows of C * S (run S, ``_dispatch._short_runs``), both at
+    once in general (W = groups * C * run); statistics (with ``batch_stats``) and output in one call.
 
     1. Per block of rows (one unit each, vectorized across W): mean and M2 in one pass about
        a shift, float32 partial sums, exact fallback (``stats._stats_block``).
-    2. Blocks and groups combined per channel (Chan: ``M2 = sum M2_b + n_b (mean_b - mean)^2``),
-       written to mean, var and invstd. Without ``batch_stats`` (prediction) steps 1-2 are
-       skipped and mean and invstd are read as given.
+    2. Blocks, groups and runs combined per channel (Chan: ``M2 = sum M2_b + n_b (mean_b -
+       mean)^2``), written to mean, var and invstd. Without ``batch_stats`` (prediction) steps
+       1-2 are skipped and mean and invstd are read as given.
     3. ``y = (x - mean_hi) * scale + (shift - mean_lo * scale)`` in x's dtype (as normalize_rows).
 
     One call instead of stats_rows + NumPy vector arithmetic + normalize_rows, for every rows
@@ -245,46 +247,56 @@ def forward_rows(
     between the two kernels was ~15 us). Prediction on large rows runs this compiled code too
     (not a parallel normalize_rows): channels-last's first training step and eval call
     compile one large kernel less, ~0.9 s. Compiled without ``reassoc`` (it could undo the
-    shift).
+    shift). Short runs read as rows: raw kernel, float32, 2 threads, vs the channels-first
+    ``forward_train_cf`` (loop set-up per (n, c) and S below the vector width): (512, 256, 2, 2)
+    122 vs 772 us, (1024, 16, 3, 3) 33 vs 176 us, (128, 64, 4, 4) 37 vs 68 us.
     """
     r_, w_ = x.shape
-    c_ = w_ // groups
+    c_ = w_ // (groups * run)
     if batch_stats:
         bmean = np.empty((nblk, w_))
         bm2 = np.empty((nblk, w_))
         for b in prange(nblk):
             _stats_block(x, b * r_ // nblk, (b + 1) * r_ // nblk, bmean[b], bm2[b])
-        m = r_ * groups
+        m = r_ * groups * run
         for c in range(c_):
             mean[c] = 0.0
             var[c] = 0.0
-        # column j = g * C + c: loops over (g, c), not j % C per column (a 64-bit division
-        # each: ~1.3 ns, 13k of them on (256, 1024) with 4 blocks)
+        # column j = (g * C + c) * run + i, walked in that order (no (j // run) % C per column:
+        # a 64-bit division each, ~1.3 ns, 13k of them on (256, 1024) with 4 blocks)
         for b in range(nblk):
             n = (b + 1) * r_ // nblk - b * r_ // nblk
-            for g in range(groups):
+            j = 0
+            for _ in range(groups):
                 for c in range(c_):
-                    mean[c] += n * bmean[b, g * c_ + c]
+                    for _ in range(run):
+                        mean[c] += n * bmean[b, j]
+                        j += 1
         for c in range(c_):
             mean[c] /= m
         for b in range(nblk):
             n = (b + 1) * r_ // nblk - b * r_ // nblk
-            for g in range(groups):
+            j = 0
+            for _ in range(groups):
                 for c in range(c_):
-                    d = bmean[b, g * c_ + c] - mean[c]
-                    var[c] += max(bm2[b, g * c_ + c], 0.0) + n * d * d
+                    for _ in range(run):
+                        d = bmean[b, j] - mean[c]
+                        var[c] += max(bm2[b, j], 0.0) + n * d * d
+                        j += 1
         for c in range(c_):
             var[c] /= m
             invstd[c] = 1.0 / math.sqrt(var[c] + eps)
-    hi = x[0].copy()  # vectors in x's dtype, one entry per virtual channel
+    hi = x[0].copy()  # vectors in x's dtype, one entry per column
     scale = x[0].copy()
     shift = x[0].copy()
-    for g in range(groups):
+    j = 0
+    for _ in range(groups):
         for c in range(c_):
-            j = g * c_ + c
-            hi[j] = mean[c]
-            scale[j] = invstd[c] * gamma[c]
-            shift[j] = beta[c] - (mean[c] - hi[j]) * scale[j]
+            for _ in range(run):
+                hi[j] = mean[c]
+                scale[j] = invstd[c] * gamma[c]
+                shift[j] = beta[c] - (mean[c] - hi[j]) * scale[j]
+                j += 1
     for b in prange(nblk):
         for r in range(b * r_ // nblk, (b + 1) * r_ // nblk):
             xr = x[r]
