@@ -502,25 +502,26 @@ def test_update_running_with_a_counter_is_the_update_plus_one_count(rng, dtype, 
 
 
 def test_fused_channel_blocks_need_long_runs_or_small_blocks():
-    """Large blocks of short strided runs take the unfused path, or in a forward one block per
-    thread when the whole slab is small enough; short runs in small blocks and long runs in
-    large blocks stay fused."""
-    train_forward = {"train_forward": True}
-    assert (
-        _dispatch._channel_blocks(256, 16, 1024, 4, 1, 2, **train_forward) == 0
-    )  # 1 MB blocks, 4 KB runs, 16 MiB
-    assert (
-        _dispatch._channel_blocks(128, 64, 256, 4, 1, 2, **train_forward) == 2
-    )  # 8 MiB: 2 blocks, 32 KB runs
-    assert _dispatch._channel_blocks(128, 64, 256, 4, 1, 4, **train_forward) == 4  # one block per thread
-    assert (
-        _dispatch._channel_blocks(128, 63, 256, 4, 1, 2, **train_forward) == 0
-    )  # 63 channels: no even split
-    assert _dispatch._channel_blocks(128, 64, 256, 4, 1, 2) == 0  # a single pass stays unfused
-    assert _dispatch._channel_blocks(64, 64, 256, 4, 2, 2) == 0  # and so does the backward
-    assert _dispatch._channel_blocks(64, 128, 16, 4, 1, 2) == 2  # 256 KB blocks of 4 KB runs
-    assert _dispatch._channel_blocks(16, 64, 112 * 112, 4, 1, 2) == 64  # 800 KB blocks of 50 KB runs
-    assert _dispatch._channel_blocks(16, 2048, 49, 4, 2, 2) > 0
+    """Large blocks of short strided runs take the unfused path (in a training forward with
+    S < 32, one block per thread when x is small enough); short runs in small blocks and long
+    runs in large blocks stay fused."""
+    blocks = _dispatch._channel_blocks
+
+    def train_forward(n, c, s, threads=2):
+        return blocks(n, c, s, 4, 1, threads, train_forward=True)
+
+    assert train_forward(256, 16, 1024) == 0  # 1 MB blocks of 4 KB runs
+    assert train_forward(128, 256, 16) == 2  # S = 16, 2 MiB: one block per thread
+    assert train_forward(128, 256, 16, threads=4) == 4
+    assert train_forward(128, 255, 16) == 0  # 255 channels do not split evenly
+    assert train_forward(256, 512, 16) == 2  # 8 MiB
+    assert train_forward(512, 512, 16) == 0  # 16 MiB
+    assert train_forward(128, 64, 256) == 0  # S = 256
+    assert blocks(128, 256, 16, 4, 1, 2) == 0  # a single pass stays unfused
+    assert blocks(128, 256, 16, 4, 2, 2) == 0  # and so does the backward
+    assert blocks(64, 128, 16, 4, 1, 2) == 2  # 256 KB blocks of 4 KB runs
+    assert blocks(16, 64, 112 * 112, 4, 1, 2) == 64  # 800 KB blocks of 50 KB runs
+    assert blocks(16, 2048, 49, 4, 2, 2) > 0
 
 
 def test_short_run_blocks_fused_one_per_thread_match_reference(rng, monkeypatch):
@@ -529,11 +530,10 @@ def test_short_run_blocks_fused_one_per_thread_match_reference(rng, monkeypatch)
     monkeypatch.setattr(_dispatch, "_CHANNEL_BLOCK_BYTES", 64)
     monkeypatch.setattr(_dispatch, "_MIN_RUN_BYTES", 1 << 30)
     monkeypatch.setattr(_dispatch, "_PARALLEL_MIN", 0)
-    shape = (8, 6, 5, 7)
+    shape = (8, 6, 5, 5)  # S < 32, and N < 16: not read as rows (``_short_runs``)
     threads = kernels.num_threads()
-    assert _dispatch._channel_blocks(8, 6, 35, 4, 1, threads, train_forward=True) == (
-        threads if threads in (2, 3, 6) else 0
-    )
+    expected = threads if 6 % threads == 0 else 0
+    assert _dispatch._channel_blocks(8, 6, 25, 4, 1, threads, train_forward=True) == expected
     x = make(rng, shape, np.float32, "contiguous", loc=3.0, scale=2.0)
     dy = make(rng, shape, np.float32, "contiguous")
     gamma = rng.normal(1.0, 0.5, 6).astype(np.float32)

@@ -99,8 +99,8 @@ _SLAB_BYTES = 4 << 20
 # blocks over half of it need runs (a block's values at one n) of _MIN_RUN_BYTES or more.
 _CHANNEL_BLOCK_BYTES = 1 << 20
 _MIN_RUN_BYTES = 16 << 10
-# A forward input of at most this size whose blocks would be short-run is fused anyway, as one
-# block per thread (the longest runs; the second pass comes from L3).
+# A training forward's input of at most this size, with S < _SHORT_RUN, whose blocks would be
+# short-run is fused anyway, as one block per thread (the longest runs; the second pass from L3).
 _SHORT_RUN_SLAB_BYTES = 8 << 20
 # Split reductions use blocks up to this size so their second pass hits L2.
 _BLOCK_BYTES = 1 << 20
@@ -245,17 +245,18 @@ def _channel_blocks(
     pieces in memory order), backward 3.02 vs 2.64 ms. Short runs in a small block are fine:
     (64, 128, 4, 4), 64 runs of 4 KB per block, 256 KB: 70 us fused vs 183 us unfused.
 
-    Where that rule leaves a training forward's input (``train_forward``) of at most
-    _SHORT_RUN_SLAB_BYTES unfused, it is fused as one block per thread instead: runs of
-    C / threads channels, the second pass from L3. kernels.forward_train, float32, 2 threads,
-    interleaved, this rule vs the unfused path, us, warm / after a 16 MB write:
-    (128, 256, 4, 4) 153 vs 408 / 632 vs 866, (256, 512, 4, 4) 991 vs 2132 / 2043 vs 3076,
-    (128, 128, 8, 8) 292 vs 478 / 790 vs 957, (512, 64, 8, 8) 455 vs 669 / 1289 vs 1317,
-    (128, 64, 16, 16) 418 vs 502 / 1184 vs 1269. Larger inputs gain or lose (16 MiB:
-    (1024, 64, 8, 8) 2290 vs 2410, (512, 32, 16, 16) 1707 vs 1421 warm), and so does the
-    backward on its x and dy ((64, 32, 16, 16), 4 MiB of both: 156-276 vs 149-211 warm,
-    648-751 vs 662-689 cold): those stay unfused. A pass that reads x once (BatchNormAct's
-    prediction) only loses: (512, 64, 8, 8) 428-461 vs 287-290 us.
+    Where that rule leaves a training forward's input (``train_forward``) with S < _SHORT_RUN
+    of at most _SHORT_RUN_SLAB_BYTES unfused (rows of C * S too long for ``_short_runs``), it is
+    fused as one block per thread instead: runs of C / threads channels, the second pass from
+    L3. kernels.forward_train, float32, 2 threads, interleaved, this rule vs the unfused path,
+    us, warm / after a 16 MB write: (128, 256, 4, 4) 153 vs 408 / 632 vs 866, (256, 512, 4, 4)
+    991 vs 2132 / 2043 vs 3076; batchnorm bench, forward+backward x torch.nn, two runs each:
+    1.07-1.30x vs 0.79-0.96x and 1.58-1.73x vs 1.18-1.33x. With S >= 32 the same rule made
+    the forward faster on its own ((128, 64, 16, 16) 418 vs 502 us) but the bench's
+    forward+backward slower in four runs of (512, 64, 8, 8) (1.43-1.51x vs 1.62-1.98x): not
+    applied there. The backward ((64, 32, 16, 16), 4 MiB of x and dy: 156-276 vs 149-211 us
+    warm) and BatchNormAct's single-pass prediction ((512, 64, 8, 8) 428-461 vs 287-290 us)
+    measured slower that way too and keep their paths.
     """
     per_channel = n * s * itemsize * arrays
     if per_channel > _SLAB_BYTES:
@@ -268,7 +269,13 @@ def _channel_blocks(
     channels = -(-c // nb) if nb else 0  # per block, at most
     if nb and channels * s * itemsize < _MIN_RUN_BYTES and channels * per_channel > _CHANNEL_BLOCK_BYTES // 2:
         nb = 0
-    if not nb and train_forward and c % threads == 0 and c * per_channel <= _SHORT_RUN_SLAB_BYTES:
+    if (
+        not nb
+        and train_forward
+        and s < _SHORT_RUN
+        and c % threads == 0
+        and c * per_channel <= _SHORT_RUN_SLAB_BYTES
+    ):
         return threads
     return nb
 
