@@ -120,6 +120,8 @@ _MAX_WIDE_ROW = 256
 _SHORT_RUN = 32
 _SHORT_MIN_N = 16
 _SHORT_MAX_ROW = 2048
+# ... and training reads them as rows from this many samples on (see ``_short_runs``).
+_SHORT_TRAIN_MIN_N = 64
 
 _threads_override: int | None = None
 # GNU OpenMP (numba's "omp" threading layer here; no TBB) is not fork-safe: a child forked after
@@ -302,7 +304,7 @@ def _widen(rows: int, channels: int, size: int) -> int:
     return 1
 
 
-def _short_runs(xv: np.ndarray) -> bool:
+def _short_runs(xv: np.ndarray, min_n: int = _SHORT_MIN_N) -> bool:
     """Whether the normalization of a channels-first ``(N, C, S)`` view runs as N rows of C * S.
 
     With short S, ``normalize_cf`` pays a loop setup per (n, c) row, and LLVM's vector loop
@@ -314,10 +316,14 @@ def _short_runs(xv: np.ndarray) -> bool:
     such inputs as rows too (``forward_rows``, ``backward_rows`` with run S): raw kernels,
     forward / backward vs the fused channels-first ones, (512, 256, 2, 2) 122 / 161 vs
     772 / 1059 us, (128, 64, 4, 4) 37 / 47 vs 68 / 87 us; at rows of 4096 or more values
-    they lose there too ((128, 128, 8, 8) 562 / 1009 vs 248 / 467 us).
+    they lose there too ((128, 128, 8, 8) 562 / 1009 vs 248 / 467 us), and with few rows
+    (``min_n``: _SHORT_TRAIN_MIN_N for training): module forward+backward, interleaved with
+    the channels-first kernels, (32, 128, 4, 4) 239 vs 206-208 us, (48, 128, 4, 4) 283-367
+    vs 257-350 us, (64, 128, 4, 4) 298-306 vs 307-311 us, (128, 128, 4, 4) 430-500 vs
+    446-564 us.
     """
     n, c, s = xv.shape
-    return s < _SHORT_RUN and n >= _SHORT_MIN_N and c * s <= _SHORT_MAX_ROW
+    return s < _SHORT_RUN and n >= min_n and c * s <= _SHORT_MAX_ROW
 
 
 def _wide(a: np.ndarray, k: int) -> np.ndarray:
@@ -572,7 +578,7 @@ def _forward_train(
         _k(forward_rows, threads)(
             xw, k, 1, nblk, True, gamma64, beta64, float(eps), _wide(y.view, k), mean, var, invstd
         )
-    elif _short_runs(xv):
+    elif _short_runs(xv, _SHORT_TRAIN_MIN_N):
         n, _, s = xv.shape
         mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
         k = _widen(n, c * s, xv.size)
@@ -733,7 +739,7 @@ def backward(
                 sum_dy,
                 sum_dy_xhat,
             )
-        elif _short_runs(xv):
+        elif _short_runs(xv, _SHORT_TRAIN_MIN_N):
             n, _, s = xv.shape
             k = _widen(n, c * s, xv.size)
             xw, dyw, dxw = (_wide(a.reshape(n, c * s), k) for a in (xv, dyv, dx.view))
