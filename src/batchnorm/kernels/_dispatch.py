@@ -326,6 +326,11 @@ def _short_runs(xv: np.ndarray, min_n: int = _SHORT_MIN_N) -> bool:
     return s < _SHORT_RUN and n >= min_n and c * s <= _SHORT_MAX_ROW
 
 
+def _as_rows(a: np.ndarray) -> np.ndarray:
+    """A rows view as it is; a channels-first (N, C, S) view as N rows of C * S."""
+    return a if a.ndim == 2 else a.reshape(a.shape[0], -1)
+
+
 def _wide(a: np.ndarray, k: int) -> np.ndarray:
     return a if k == 1 else a.reshape(a.shape[0] // k, a.shape[1] * k)
 
@@ -568,24 +573,16 @@ def _forward_train(
         return y.result(x.dtype), nan, nan.copy(), nan.copy()
     threads = _use_threads(xc.size)
     xv = _view(xc, kind)
-    if kind == ROWS:
+    if kind == ROWS or _short_runs(xv, _SHORT_TRAIN_MIN_N):
         # One call for every rows input (was: small ones on one thread only): with the
         # one-pass float32 block statistics it no longer loses to stats_rows + normalize_rows.
         mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
-        k = _widen(xv.shape[0], c, xv.size)
-        xw = _wide(xv, k)
-        nblk = _blocks_rows(xw.shape[0], c * k, xv.itemsize, threads)
-        _k(forward_rows, threads)(
-            xw, k, 1, nblk, True, gamma64, beta64, float(eps), _wide(y.view, k), mean, var, invstd
-        )
-    elif _short_runs(xv, _SHORT_TRAIN_MIN_N):
-        n, _, s = xv.shape
-        mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
-        k = _widen(n, c * s, xv.size)
-        xw = _wide(xv.reshape(n, c * s), k)
+        run = 1 if kind == ROWS else xv.shape[2]
+        xr, yr = _as_rows(xv), _as_rows(y.view)
+        k = _widen(xr.shape[0], xr.shape[1], xr.size)
+        xw, yw = _wide(xr, k), _wide(yr, k)
         nblk = _blocks_rows(xw.shape[0], xw.shape[1], xv.itemsize, threads)
-        yw = _wide(y.view.reshape(n, c * s), k)
-        _k(forward_rows, threads)(xw, k, s, nblk, True, gamma64, beta64, float(eps), yw, mean, var, invstd)
+        _k(forward_rows, threads)(xw, k, run, nblk, True, gamma64, beta64, float(eps), yw, mean, var, invstd)
     elif nb := _channel_blocks(xv.shape[0], c, xv.shape[2], xv.itemsize, 1, threads, train_forward=True):
         mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
         _k(forward_train_cf, threads)(xv, nb, gamma64, beta64, float(eps), y.view, mean, var, invstd)
@@ -722,30 +719,13 @@ def backward(
     if xc.size:
         threads = _use_threads(xc.size)
         xv, dyv = _view(xc, kind), _view(dyc, kind)
-        if kind == ROWS:
-            k = _widen(xv.shape[0], c, xv.size)
-            xw = _wide(xv, k)
-            nblk = _blocks_rows(xw.shape[0], c * k, 2 * xv.itemsize, threads)
-            _k(backward_rows, threads)(
-                _wide(dyv, k),
-                xw,
-                k,
-                1,
-                nblk,
-                mean64,
-                invstd64,
-                gamma64,
-                _wide(dx.view, k),
-                sum_dy,
-                sum_dy_xhat,
-            )
-        elif _short_runs(xv, _SHORT_TRAIN_MIN_N):
-            n, _, s = xv.shape
-            k = _widen(n, c * s, xv.size)
-            xw, dyw, dxw = (_wide(a.reshape(n, c * s), k) for a in (xv, dyv, dx.view))
+        if kind == ROWS or _short_runs(xv, _SHORT_TRAIN_MIN_N):
+            run = 1 if kind == ROWS else xv.shape[2]
+            k = _widen(xv.shape[0], xv.size // xv.shape[0], xv.size)
+            xw, dyw, dxw = (_wide(_as_rows(a), k) for a in (xv, dyv, dx.view))
             nblk = _blocks_rows(xw.shape[0], xw.shape[1], 2 * xv.itemsize, threads)
             _k(backward_rows, threads)(
-                dyw, xw, k, s, nblk, mean64, invstd64, gamma64, dxw, sum_dy, sum_dy_xhat
+                dyw, xw, k, run, nblk, mean64, invstd64, gamma64, dxw, sum_dy, sum_dy_xhat
             )
         elif nb := _channel_blocks(xv.shape[0], c, xv.shape[2], xv.itemsize, 2, threads):
             _k(backward_cf, threads)(dyv, xv, nb, mean64, invstd64, gamma64, dx.view, sum_dy, sum_dy_xhat)
