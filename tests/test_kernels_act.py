@@ -56,6 +56,9 @@ CASES = [
     # 5 channels do not split evenly over 2 threads (the unfused (N, C, S) kernels), and the
     # second thread's 15 // 2 = 7 rows start at n = 1, channel 2
     ((3, 5, 4, 2), "contiguous"),
+    # a short map read as 64 rows of C * S (``_run``; the forward too with tiny blocks):
+    # 3 channels of 6 columns each
+    ((64, 3, 2, 3), "contiguous"),
 ]
 TOL = {np.float64: 1e-10, np.float32: 2e-5}
 
@@ -92,6 +95,7 @@ def block_bytes(request, monkeypatch):
     if request.param != "serial":
         monkeypatch.setattr(dispatch, "_BLOCK_BYTES", 64)
         monkeypatch.setattr(_dispatch, "_PARALLEL_MIN", 1)
+        monkeypatch.setattr(dispatch, "_RUN_FORWARD_MIN", 0)  # short maps' forward as rows too
     return request.param
 
 
