@@ -131,6 +131,7 @@ def test_forward_backward_match_reference(shape, name, dtype, act, rng, block_by
         ((5, 4, 3, 3), "contiguous"),  # the fused (N, C, S) kernel, statistics given
         ((3, 5, 4, 2), "contiguous"),  # on 2 threads: normalize_act_ncs, 5 channels unsplit
         ((5, 4, 3, 3), "channels_last"),
+        ((20, 3, 2, 3), "contiguous"),  # a short map as rows of C * S, its vectors repeated
     ],
 )
 def test_inference_matches_reference(shape, name, act, rng, block_bytes):
