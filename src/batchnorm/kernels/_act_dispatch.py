@@ -277,12 +277,9 @@ def _normalize_into(layout: str, v: np.ndarray, mean, scale, beta, code: int, sl
         # times. BatchNormAct2d eval, interleaved, us, vs the fused kernel below:
         # (64, 256, 2, 2) 61 vs 94, (1024, 16, 3, 3) 78 vs 154, (512, 256, 2, 2) 155 vs 670
         # (normalize_act_ncs before), (64, 128, 4, 4) 77 vs 76
-        run = v.shape[2]
-        rows, y_rows = v.reshape(v.shape[0], -1), y_view.reshape(v.shape[0], -1)
-        starts = _row_starts(rows.shape[0], rows.shape[1], v.itemsize, threads)
-        vectors = (np.repeat(a, run) for a in (mean, scale, beta))
-        _k(k.normalize_act_rc, threads)(rows, *vectors, code, slope, starts, y_rows)
-    elif layout == "ncs" and (nb := _dispatch()._channel_blocks(*v.shape, v.itemsize, 1, threads)):
+        mean, scale, beta = (np.repeat(a, v.shape[2]) for a in (mean, scale, beta))
+        layout, v, y_view = "rc", _dispatch()._as_rows(v), _dispatch()._as_rows(y_view)
+    if layout == "ncs" and (nb := _dispatch()._channel_blocks(*v.shape, v.itemsize, 1, threads)):
         # The training forward's compiled kernel with the statistics given (scale as its
         # gamma): an (N, C, S) BatchNormAct's first training step + eval call compiled in
         # 7.6-8.9 s instead of 11.3-13.1 s with normalize_act_ncs as well. Its float64 output
@@ -344,11 +341,11 @@ def forward_train(x, gamma, beta, eps: float, act: str = "relu", slope: float = 
         mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
         _kernels().forward_train_act_rows(v, g, b, float(eps), code, float(slope), y_view, mean, var, invstd)
     elif v.size >= _RUN_FORWARD_MIN and (run := _run(layout, v)):
-        rows, y_rows = v.reshape(v.shape[0], -1), y_view.reshape(v.shape[0], -1)
-        mean, var = _combine_runs(*_stats("rc", rows, threads), run)
+        # statistics per column of the rows, then per channel; _normalize_into reads the
+        # same rows
+        mean, var = _combine_runs(*_stats("rc", _dispatch()._as_rows(v), threads), run)
         invstd = 1.0 / np.sqrt(var + eps)
-        scale, shift = np.repeat(g * invstd, run), np.repeat(b, run)
-        _normalize_into("rc", rows, np.repeat(mean, run), scale, shift, code, float(slope), y_rows)
+        _normalize_into(layout, v, mean, g * invstd, b, code, float(slope), y_view)
     elif layout == "ncs" and (
         nb := _dispatch()._channel_blocks(*v.shape, v.itemsize, 1, threads, train_forward=True)
     ):
@@ -518,15 +515,11 @@ def backward(
         # the rows kernels per column, the sums per channel between the two passes
         d, _, mu, istd, g, b, *rest = args
         n = v.shape[0]
-        rows_args = (
-            d.reshape(n, -1),
-            v.reshape(n, -1),
-            *(np.repeat(a, run) for a in (mu, istd, g, b)),
-            *rest,
-        )
+        as_rows = _dispatch()._as_rows
+        rows_args = (as_rows(d), as_rows(v), *(np.repeat(a, run) for a in (mu, istd, g, b)), *rest)
         dbeta, dgamma = (part.reshape(-1, run).sum(axis=1) for part in _reduce("rc", rows_args, threads))
         sums = np.repeat(dbeta, run), np.repeat(dgamma, run)
-        _dx("rc", rows_args, *sums, n * run, threads, dx_view.reshape(n, -1))
+        _dx("rc", rows_args, *sums, n * run, threads, as_rows(dx_view))
     elif layout == "ncs" and (nb := _dispatch()._channel_blocks(*v.shape, v.itemsize, 2, threads)):
         dbeta, dgamma = np.empty(channels), np.empty(channels)
         _k(_kernels().backward_cf, threads)(*args[:2], nb, *args[2:], dx_view, dbeta, dgamma)
