@@ -698,3 +698,21 @@ def test_outputs_have_the_strides_of_a_canonical_input(rng, shape, layout):
     dx = kernels.backward(x, x, mean, invstd, None)[0]
     pred = kernels.normalize_running(x, mean, np.ones(c, np.float32), 1e-5)
     assert y.strides == dx.strides == pred.strides == x.strides
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_train_stats64_are_the_unrounded_statistics(rng, path, shape, dtype, layout):
+    """``stats64=True``: the same y, the statistics in float64 that round to the default ones,
+    and at mean 1e4, std 1e-2 a mean exact to float64 rounding, not float32's ~5e-4."""
+    x = make(rng, shape, dtype, layout, loc=1e4, scale=1e-2)
+    y, *stats = kernels.forward_train(x, None, None, 1e-5)
+    y64, *stats64 = kernels.forward_train(x, None, None, 1e-5, stats64=True)
+    np.testing.assert_array_equal(y64, y)
+    for rounded, full in zip(stats, stats64, strict=True):
+        assert full.dtype == np.float64 and full.shape == (shape[1],)
+        np.testing.assert_array_equal(full.astype(dtype), rounded)
+    _, cache = reference.forward(x.astype(np.float64), None, None)
+    np.testing.assert_allclose(stats64[0], cache.mean, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(stats64[1], cache.var, rtol=1e-6 if dtype == np.float32 else 1e-9, atol=0)

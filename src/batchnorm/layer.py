@@ -131,13 +131,15 @@ class BatchNorm:
                 "forward(x, training=False), or freeze the layer"
             )
         _check_eps(self.eps)
-        y, mean, var, invstd = kernels.forward_train(x, self.gamma, self.beta, self.eps)
+        # float64 statistics: backward forms x_hat from this mean (see kernels.forward_train)
+        y, mean, var, invstd = kernels.forward_train(x, self.gamma, self.beta, self.eps, stats64=True)
         factor = momentum_factor(self.momentum, self.num_batches_tracked + 1)
-        new_mean, new_var = update_running(
+        stats_dtype = np.float64 if x.dtype == np.float64 else np.float32
+        new_mean, new_var = update_running(  # from the statistics in x's precision, as before
             self.running_mean,
             self.running_var,
-            mean.astype(np.float64),
-            var.astype(np.float64),
+            mean.astype(stats_dtype).astype(np.float64),
+            var.astype(stats_dtype).astype(np.float64),
             count,
             factor,
         )

@@ -241,3 +241,37 @@ def test_float16_input_matches_float32_computation(save_memory):
     torch.testing.assert_close(x16.grad.float(), x32.grad, rtol=5e-3, atol=5e-3)
     torch.testing.assert_close(ours.weight.grad, w.grad, rtol=2e-3, atol=2e-2)
     torch.testing.assert_close(ours.bias.grad, b.grad, rtol=2e-3, atol=2e-2)
+
+
+@pytest.mark.parametrize("save_memory", [False, True])
+@pytest.mark.parametrize("act", ["identity", "leaky_relu"])
+@pytest.mark.parametrize(
+    "cls, torch_cls, shape, fmt",
+    [
+        (BatchNormAct1d, torch.nn.BatchNorm1d, (256, 32), torch.contiguous_format),
+        (BatchNormAct2d, torch.nn.BatchNorm2d, (16, 64, 7, 7), torch.contiguous_format),
+        (BatchNormAct2d, torch.nn.BatchNorm2d, (64, 3, 2, 3), torch.contiguous_format),
+        (BatchNormAct2d, torch.nn.BatchNorm2d, (16, 64, 7, 7), torch.channels_last),
+    ],
+)
+def test_training_gradients_keep_float32_accuracy_at_a_large_offset(
+    cls, torch_cls, shape, fmt, act, save_memory
+):
+    """mean 1e4, std 1e-2, as BatchNorm's test: the backward forms x_hat from the float64 mean
+    (a float32-rounded one would put dweight off by ~5e-2 of its largest value), and
+    save_memory recovers it from y; both stay within a few float32 ulps of float64."""
+    gen = torch.Generator().manual_seed(3)
+    x = (1e4 + 1e-2 * torch.randn(*shape, generator=gen)).to(memory_format=fmt)
+    dy = torch.randn(*shape, generator=gen).to(memory_format=fmt)
+    ours = cls(shape[1], act=act, negative_slope=SLOPE, save_memory=save_memory)
+    exact = torch_cls(shape[1]).double()
+    results = []
+    for module, a, dtype in ((ours, None, torch.float32), (exact, act, torch.float64)):
+        xi = x.detach().to(dtype).requires_grad_()
+        y = module(xi) if a is None else torch_act(module(xi), a)
+        y.backward(dy.to(dtype))
+        results.append([t.detach().double() for t in (y, xi.grad, module.weight.grad, module.bias.grad)])
+    for name, a, b in zip(("y", "dx", "dweight", "dbias"), *results, strict=True):
+        err = float((a - b).abs().max() / b.abs().max())
+        assert err < 1e-6, f"{name}: {err:.2e} of its largest value"
+    torch.testing.assert_close(ours.running_mean, exact.running_mean.float(), rtol=3e-7, atol=0)

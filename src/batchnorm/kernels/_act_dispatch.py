@@ -321,8 +321,11 @@ def normalize_act(
     return _finish(y, x.dtype)
 
 
-def forward_train(x, gamma, beta, eps: float, act: str = "relu", slope: float = 0.01):
+def forward_train(x, gamma, beta, eps: float, act: str = "relu", slope: float = 0.01, stats64: bool = False):
     """Training forward: batch statistics (biased var), then ``y = act(gamma x_hat + beta)``.
+
+    ``stats64=True`` returns the statistics in float64, unrounded, for the backward (see
+    ``kernels.forward_train``).
 
     Shape:
         x, y: ``(N, C, *spatial)``; gamma, beta, mean, var, invstd: ``(C,)``.
@@ -358,7 +361,7 @@ def forward_train(x, gamma, beta, eps: float, act: str = "relu", slope: float = 
         invstd = 1.0 / np.sqrt(var + eps)
         _normalize_into(layout, v, mean, g * invstd, b, code, float(slope), y_view)
     y = _finish(y, x.dtype)
-    if dtype == np.float64:
+    if dtype == np.float64 or stats64:
         return y, mean, var, invstd
     return y, mean.astype(dtype), var.astype(dtype), invstd.astype(dtype)
 

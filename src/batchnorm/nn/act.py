@@ -173,8 +173,9 @@ def backward_dx_act(
 
 
 def _forward_train(x: Tensor, weight, bias, eps: float, act: str, slope: float, params=None):  # type: ignore[no-untyped-def]
-    """``(y, mean, var, invstd, arrays)``: on the numba path the statistics are NumPy arrays
-    (they go straight back to the kernels: no tensor round trip) and ``arrays`` holds the
+    """``(y, mean, var, invstd, arrays)``: on the numba path the statistics are float64 NumPy
+    arrays (they go straight back to the kernels: no tensor round trip, no rounding of the
+    mean that x_hat is formed from; see ``kernels.forward_train``) and ``arrays`` holds the
     views of x, weight and bias for the backward when x is float32/float64 (else ``()``);
     on Triton the statistics are tensors and ``arrays`` is None. ``params``: NumPy views of
     weight and bias in x's dtype the caller already has (the module's fast path), or None."""
@@ -186,11 +187,11 @@ def _forward_train(x: Tensor, weight, bias, eps: float, act: str, slope: float, 
         if params is None:
             params = (_numpy(weight, d), _numpy(bias, d))
         arrays = (_torch_ops._np(x), *params)
-        y, mean, var, invstd = _kernels.forward_train(*arrays, eps, act, slope)
+        y, mean, var, invstd = _kernels.forward_train(*arrays, eps, act, slope, stats64=True)
         return torch.from_numpy(y), mean, var, invstd, arrays
     cd = _compute_dtype(x)
     y, mean, var, invstd = _kernels.forward_train(
-        _numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd), eps, act, slope
+        _numpy(x, cd), _numpy(weight, cd), _numpy(bias, cd), eps, act, slope, stats64=True
     )
     return _tensor(y, x.dtype), mean, var, invstd, ()
 
@@ -297,7 +298,10 @@ def _update_running(
         and running_var.dtype in _NUMPY_DTYPES
     ):
         # one kernel call on the buffers' memory: the four torch ops cost ~10 us here
-        update_running_arrays(running_mean.numpy(), running_var.numpy(), mean, var, count, momentum)
+        rm, rv = running_mean.numpy(), running_var.numpy()
+        if mean.dtype != rm.dtype:  # float64 batch statistics, rounded as torch's are
+            mean, var = mean.astype(rm.dtype), var.astype(rm.dtype)
+        update_running_arrays(rm, rv, mean, var, count, momentum)
         return
     mean, var = torch.as_tensor(mean), torch.as_tensor(var)
     with torch.no_grad():
