@@ -249,3 +249,36 @@ def test_mixed_numpy_and_torch_is_a_type_error():
 def test_device_mismatch_names_both_devices():
     with pytest.raises(ValueError, match="weight is on cpu but input is on meta"):
         batch_norm(torch.ones(4, 3, device="meta"), None, None, torch.ones(3), training=True)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape", [(256, 32), (16, 8, 7, 7)])
+def test_training_gradients_keep_float32_accuracy_at_a_large_offset(shape, momentum):
+    """The general eager path (functional calls, momentum=None modules) saves the float64 mean
+    for the backward as the modules' fast path does: at mean 1e4, std 1e-2 a float32-rounded
+    one put dweight off by ~5e-2 of its largest value."""
+    import batchnorm.nn as bnn
+
+    gen = torch.Generator().manual_seed(5)
+    x = 1e4 + 1e-2 * torch.randn(*shape, generator=gen)
+    dy = torch.randn(*shape, generator=gen)
+    w = torch.rand(shape[1], generator=gen) + 0.5
+    b = torch.randn(shape[1], generator=gen)
+    results = []
+    for dtype, fn in ((torch.float32, batch_norm), (torch.float64, F.batch_norm)):
+        xi, wi, bi = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
+        y = fn(xi, None, None, wi, bi, True, 0.1, 1e-5)
+        y.backward(dy.to(dtype))
+        results.append([t.detach().double() for t in (y, xi.grad, wi.grad, bi.grad)])
+    module = (bnn.BatchNorm1d if len(shape) == 2 else bnn.BatchNorm2d)(shape[1], momentum=momentum)
+    with torch.no_grad():
+        module.weight.copy_(w)
+        module.bias.copy_(b)
+    xm = x.detach().clone().requires_grad_()
+    module(xm).backward(dy)
+    results.append([None, xm.grad.double(), None, None])
+    for name, got, want, modular in zip(("y", "dx", "dweight", "dbias"), *results, strict=True):
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < 1e-6, f"{name}: {err:.2e} of its largest value"
+        if modular is not None:
+            assert float((modular - want).abs().max() / want.abs().max()) < 1e-6

@@ -78,6 +78,12 @@ def _stats_like(x: Tensor, count: int = 1) -> tuple[Tensor, ...]:
     return tuple(x.new_empty((channels,), dtype=_compute_dtype(x)) for _ in range(count))
 
 
+def _compute_stat(t: Tensor, x: Tensor) -> Tensor:
+    """A statistic in x's compute dtype (rounded from float64 where the kernels gave that)."""
+    dtype = _compute_dtype(x)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _invstd(running_var: Tensor, eps: float, x: Tensor) -> Tensor:
     return torch.rsqrt(running_var.to(_compute_dtype(x)) + eps)
 
@@ -180,7 +186,11 @@ def _setup_train(ctx, inputs, output) -> None:
 
 def _backward_train(ctx, dy, _dmean, _dvar, _dinvstd):
     x, weight, mean, invstd = ctx.saved_tensors
-    op = backward_train if _tracing() else _backward_train_impl
+    tracing = _tracing()
+    stats64 = getattr(ctx, "stats64", None)
+    if stats64 is not None and not tracing:
+        mean, invstd = stats64
+    op = backward_train if tracing else _backward_train_impl
     dx, dweight, dbias = op(dy, x, mean, invstd, weight)
     needs = ctx.needs_input_grad
     return (
@@ -235,8 +245,13 @@ class _Train(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
-        output = _forward_train_impl(x, weight, bias, eps)
+        y, mean, var, invstd = _torch_ops.forward_train(x, weight, bias, eps, stats64=True)
+        output = (_like(y, x), *(_compute_stat(t, x) for t in (mean, var, invstd)))
         _setup_train(ctx, (x, weight, bias, eps), output)
+        # The backward forms x_hat from the float64 mean where the kernels gave one (see
+        # kernels.forward_train's stats64); the outputs keep the op's dtypes. A traced graph
+        # runs the op, which saves its outputs.
+        ctx.stats64 = (mean, invstd) if mean.dtype != output[1].dtype else None
         return output
 
     backward = staticmethod(_backward_train)  # type: ignore[assignment]

@@ -161,9 +161,13 @@ def _np_as(t: torch.Tensor | None, dtype: torch.dtype) -> Any:
     return (t if t.dtype == dtype else t.detach().to(dtype)).numpy(force=True)
 
 
-def forward_train(x, weight, bias, eps: float):
+def forward_train(x, weight, bias, eps: float, stats64: bool = False):
+    """``stats64=True``: the statistics in float64 where the numba kernels run on x directly
+    (``kernels.forward_train``'s option); elsewhere in the compute dtype as always."""
     if _direct(x):
-        arrays = cpu_kernels.forward_train(_np(x), _np_as(weight, x.dtype), _np_as(bias, x.dtype), eps)
+        arrays = cpu_kernels.forward_train(
+            _np(x), _np_as(weight, x.dtype), _np_as(bias, x.dtype), eps, stats64=stats64
+        )
         return tuple(torch.from_numpy(a) for a in arrays)
     return _run("forward_train", (x, weight, bias), (eps,), x, n_full=1)
 
@@ -224,8 +228,13 @@ def backward_arrays_np(dy, dtype: torch.dtype, x_np: Any, mean: Any, invstd: Any
     return torch.from_numpy(dx), torch.from_numpy(dweight), torch.from_numpy(dbias)
 
 
+def _np_stat(t: torch.Tensor, dtype: torch.dtype) -> Any:
+    """A statistic for the kernels: float64 as it is (they compute in float64), else in x's dtype."""
+    return _np(t) if t.dtype == torch.float64 else _np_as(t, dtype)
+
+
 def backward(dy, x, mean, invstd, weight):
     if _direct(x) and dy.dtype == x.dtype:
         d = x.dtype
-        return backward_arrays(dy, x, _np_as(mean, d), _np_as(invstd, d), weight)
+        return backward_arrays(dy, x, _np_stat(mean, d), _np_stat(invstd, d), weight)
     return _run("backward", (dy, x, mean, invstd, weight), (), x, n_full=1)
