@@ -161,6 +161,11 @@ def _np_as(t: torch.Tensor | None, dtype: torch.dtype) -> Any:
     return (t if t.dtype == dtype else t.detach().to(dtype)).numpy(force=True)
 
 
+def _np_stat(t: torch.Tensor, dtype: torch.dtype) -> Any:
+    """A statistic for the kernels: float64 as it is (they compute in float64), else in x's dtype."""
+    return _np(t) if t.dtype == torch.float64 else _np_as(t, dtype)
+
+
 def forward_train(x, weight, bias, eps: float, stats64: bool = False):
     """``stats64=True``: the statistics in float64 where the numba kernels run on x directly
     (``kernels.forward_train``'s option); elsewhere in the compute dtype as always."""
@@ -177,7 +182,7 @@ def normalize(x, mean, invstd, weight, bias):
         d = x.dtype
         return torch.from_numpy(
             cpu_kernels.normalize(
-                _np(x), _np_as(mean, d), _np_as(invstd, d), _np_as(weight, d), _np_as(bias, d)
+                _np(x), _np_stat(mean, d), _np_stat(invstd, d), _np_as(weight, d), _np_as(bias, d)
             )
         )
     return _run("normalize", (x, mean, invstd, weight, bias), (), x, n_full=1)[0]
@@ -203,15 +208,31 @@ def normalize_running_arrays(x, eps: float, arrays: Any):
     )
 
 
-def channel_stats(x):
+def channel_stats(x, stats64: bool = False):
+    """``stats64=True``: float64 statistics where the numba kernels run on x directly."""
+    if _direct(x):
+        return tuple(torch.from_numpy(a) for a in cpu_kernels.channel_stats(_np(x), stats64=stats64))
     return _run("channel_stats", (x,), (), x, n_full=0)
 
 
 def backward_reduce(dy, x, mean, invstd):
+    if _direct(x) and dy.dtype == x.dtype:
+        d = x.dtype
+        with np.errstate(all="ignore"):  # as _on_cpu: non-finite values propagate silently
+            sums = cpu_kernels.backward_reduce(_np(dy), _np(x), _np_stat(mean, d), _np_stat(invstd, d))
+        return tuple(torch.from_numpy(a) for a in sums)
     return _run("backward_reduce", (dy, x, mean, invstd), (), x, n_full=0)
 
 
 def backward_dx(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count: int):
+    if _direct(x) and dy.dtype == x.dtype:
+        d = x.dtype
+        with np.errstate(all="ignore"):
+            dx = cpu_kernels.backward_dx(
+                _np(dy), _np(x), _np_stat(mean, d), _np_stat(invstd, d), _np_as(weight, d),
+                _np_as(sum_dy, d), _np_as(sum_dy_xhat, d), count,
+            )  # fmt: skip
+        return torch.from_numpy(dx)
     return _run("backward_dx", (dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat), (count,), x, n_full=1)[0]
 
 
@@ -226,11 +247,6 @@ def backward_arrays_np(dy, dtype: torch.dtype, x_np: Any, mean: Any, invstd: Any
     """``backward_arrays`` with x and weight already NumPy views in x's dtype ``dtype``."""
     dx, dweight, dbias = cpu_kernels.backward(_np_as(dy, dtype), x_np, mean, invstd, w_np)
     return torch.from_numpy(dx), torch.from_numpy(dweight), torch.from_numpy(dbias)
-
-
-def _np_stat(t: torch.Tensor, dtype: torch.dtype) -> Any:
-    """A statistic for the kernels: float64 as it is (they compute in float64), else in x's dtype."""
-    return _np(t) if t.dtype == torch.float64 else _np_as(t, dtype)
 
 
 def backward(dy, x, mean, invstd, weight):

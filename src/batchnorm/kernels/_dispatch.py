@@ -417,18 +417,20 @@ def _empty_stats(x: np.ndarray, count: int) -> np.ndarray:
     return np.full(x.shape[1], np.nan if count == 0 else 0.0, _compute_dtype(x))
 
 
-def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def channel_stats(x: np.ndarray, stats64: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel batch mean and biased variance, over the N * prod(spatial) values of a channel.
+
+    ``stats64=True``: in float64, unrounded (for a later backward, see ``forward_train``).
 
     Shape:
         x: ``(N, C, *spatial)``; mean, var: ``(C,)`` in the compute dtype.
     """
     xc, kind = _prepare(x)
-    dt = _compute_dtype(xc)
+    dt = np.dtype(np.float64) if stats64 else _compute_dtype(xc)
     if xc.size == 0:
-        return _empty_stats(xc, 0), _empty_stats(xc, 0)
+        return np.full(x.shape[1], np.nan, dt), np.full(x.shape[1], np.nan, dt)
     mean, var = _stats64(_view(xc, kind), kind, _use_threads(xc.size))
-    return mean.astype(dt), var.astype(dt)
+    return mean.astype(dt, copy=False), var.astype(dt, copy=False)
 
 
 def normalize(

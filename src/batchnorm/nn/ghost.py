@@ -54,13 +54,16 @@ def _np(t: Tensor | None):  # type: ignore[no-untyped-def]
 
 
 def _forward_chunk(x_j: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, y_j: Tensor):
-    """BN of one chunk into ``y_j``; returns ``(mean_j, var_j, invstd_j)``."""
+    """BN of one chunk into ``y_j``; returns ``(mean_j, var_j, invstd_j)``, in float64 on the
+    numba kernels (the backward forms x_hat from this mean: see kernels.forward_train)."""
     if _writes_in_place(x_j):
         from batchnorm import kernels
 
-        _, mean, var, invstd = kernels.forward_train(_np(x_j), _np(weight), _np(bias), eps, out=y_j.numpy())
+        _, mean, var, invstd = kernels.forward_train(
+            _np(x_j), _np(weight), _np(bias), eps, out=y_j.numpy(), stats64=True
+        )
         return torch.from_numpy(mean), torch.from_numpy(var), torch.from_numpy(invstd)
-    out_j, mean, var, invstd = ops.forward_train(x_j, weight, bias, eps)
+    out_j, mean, var, invstd = ops.forward_train(x_j, weight, bias, eps, stats64=True)
     y_j.copy_(out_j)
     return mean, var, invstd
 
