@@ -30,3 +30,25 @@ def mnist_dir() -> Path:
     if not (path / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip(f"MNIST test set not found in {path}")
     return path
+
+
+@pytest.fixture
+def float64_gaps():
+    """``gaps(module, exact, x, dy, post=None)``: train ``module`` on x (float32) and ``exact`` on
+    x in float64 (``post`` applied to exact's output, e.g. an activation), backward with dy;
+    returns, for y, dx, dweight and dbias, max |float32 - float64| / max |float64|."""
+    import torch
+
+    def gaps(module, exact, x, dy, post=None):
+        results = []
+        for m, dtype, after in ((module, torch.float32, None), (exact, torch.float64, post)):
+            xi = x.detach().to(dtype).requires_grad_()
+            y = m(xi) if after is None else after(m(xi))
+            y.backward(dy.to(dtype))
+            results.append([t.detach().double() for t in (y, xi.grad, m.weight.grad, m.bias.grad)])
+        return {
+            name: float((got - want).abs().max() / want.abs().max())
+            for name, got, want in zip(("y", "dx", "dweight", "dbias"), *results, strict=True)
+        }
+
+    return gaps

@@ -255,7 +255,7 @@ def test_float16_input_matches_float32_computation(save_memory):
     ],
 )
 def test_training_gradients_keep_float32_accuracy_at_a_large_offset(
-    cls, torch_cls, shape, fmt, act, save_memory
+    cls, torch_cls, shape, fmt, act, save_memory, float64_gaps
 ):
     """mean 1e4, std 1e-2, as BatchNorm's test: the backward forms x_hat from the float64 mean
     (a float32-rounded one would put dweight off by ~5e-2 of its largest value), and
@@ -265,13 +265,6 @@ def test_training_gradients_keep_float32_accuracy_at_a_large_offset(
     dy = torch.randn(*shape, generator=gen).to(memory_format=fmt)
     ours = cls(shape[1], act=act, negative_slope=SLOPE, save_memory=save_memory)
     exact = torch_cls(shape[1]).double()
-    results = []
-    for module, a, dtype in ((ours, None, torch.float32), (exact, act, torch.float64)):
-        xi = x.detach().to(dtype).requires_grad_()
-        y = module(xi) if a is None else torch_act(module(xi), a)
-        y.backward(dy.to(dtype))
-        results.append([t.detach().double() for t in (y, xi.grad, module.weight.grad, module.bias.grad)])
-    for name, a, b in zip(("y", "dx", "dweight", "dbias"), *results, strict=True):
-        err = float((a - b).abs().max() / b.abs().max())
-        assert err < 1e-6, f"{name}: {err:.2e} of its largest value"
+    gaps = float64_gaps(ours, exact, x, dy, post=lambda z: torch_act(z, act))
+    assert max(gaps.values()) < 1e-6, gaps
     torch.testing.assert_close(ours.running_mean, exact.running_mean.float(), rtol=3e-7, atol=0)
