@@ -175,3 +175,19 @@ def test_layer_works_with_torch_blocked():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("shape", [(256, 8), (16, 4, 7, 7)])
+def test_float32_gradients_keep_their_accuracy_at_a_large_offset(rng, shape):
+    """mean 1e4, std 1e-2: the backward forms x_hat from the forward's float64 mean (a
+    float32-rounded one put dgamma off by ~5e-2 of its largest value), as the reference does."""
+    bn = batchnorm.BatchNorm(shape[1], dtype=np.float32)
+    bn.gamma = rng.uniform(0.5, 1.5, shape[1]).astype(np.float32)
+    x = rng.normal(1e4, 1e-2, shape).astype(np.float32)
+    dout = rng.normal(size=shape).astype(np.float32)
+    bn.forward(x)
+    dx = bn.backward(dout)
+    _, cache = reference.forward(x.astype(np.float64), bn.gamma.astype(np.float64), None)
+    dx_ref, dgamma_ref, dbeta_ref = reference.backward(dout.astype(np.float64), cache)
+    for got, want in ((dx, dx_ref), (bn.dgamma, dgamma_ref), (bn.dbeta, dbeta_ref)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.max(np.abs(want)))
