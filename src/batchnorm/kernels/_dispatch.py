@@ -413,10 +413,6 @@ def _reduce64(dyv, xv, kind, mean, invstd, threads) -> tuple[np.ndarray, np.ndar
     return sum_dy, sum_dy_xhat
 
 
-def _empty_stats(x: np.ndarray, count: int) -> np.ndarray:
-    return np.full(x.shape[1], np.nan if count == 0 else 0.0, _compute_dtype(x))
-
-
 def channel_stats(x: np.ndarray, stats64: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel batch mean and biased variance, over the N * prod(spatial) values of a channel.
 
@@ -541,8 +537,8 @@ def forward_train(
     value, and at mean 1e4 and std 1e-2 that rounding is 5% of the std: every x_hat the
     backward forms from it is off by that much (module forward+backward on (16, 64, 7, 7):
     dweight off by 5.1e-2 of its largest value, dx by 3.2e-3, as in torch.nn; with the float64
-    mean 3.8e-8 and 4.8e-8). The running update gets the rounded statistics either way, so the
-    buffers match torch's bit for bit.
+    mean 3.8e-8 and 4.8e-8). The running update gets the rounded statistics either way, as
+    it did before.
 
     Shape:
         x, y: ``(N, C, *spatial)``; gamma, beta, mean, var, invstd: ``(C,)``.
