@@ -26,8 +26,10 @@ caller that builds a loss on them gets an error instead of a silently missing gr
 
 Shape:
     x, y, dy, dx: ``(N, C, *spatial)``, any strides (outputs keep x's layout); everything else
-    ``(C,)``. Statistics and parameter gradients come in the compute dtype (float64 for
-    float64 input, float32 otherwise).
+    ``(C,)``. Parameter gradients come in the compute dtype (float64 for float64 input,
+    float32 otherwise); so do the statistics, except ``forward_train``'s on the CPU kernels
+    (float32/float64 x), which are float64: the backward forms ``x - mean`` from them, and a
+    float32-rounded mean is off by up to ~6e-8 |mean| (5% of the std at mean 1e4, std 1e-2).
 """
 
 from __future__ import annotations
@@ -78,10 +80,11 @@ def _stats_like(x: Tensor, count: int = 1) -> tuple[Tensor, ...]:
     return tuple(x.new_empty((channels,), dtype=_compute_dtype(x)) for _ in range(count))
 
 
-def _compute_stat(t: Tensor, x: Tensor) -> Tensor:
-    """A statistic in x's compute dtype (rounded from float64 where the kernels gave that)."""
-    dtype = _compute_dtype(x)
-    return t if t.dtype == dtype else t.to(dtype)
+def _train_stats_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of ``forward_train``'s statistics: float64 where the numba kernels run on x
+    directly (CPU float32/float64), so the backward forms ``x - mean`` from the mean the
+    forward used; x's compute dtype elsewhere (Triton, float16/bfloat16 on CPU)."""
+    return torch.float64 if _torch_ops._direct(x) else _compute_dtype(x)
 
 
 def _invstd(running_var: Tensor, eps: float, x: Tensor) -> Tensor:
@@ -91,7 +94,7 @@ def _invstd(running_var: Tensor, eps: float, x: Tensor) -> Tensor:
 def _forward_train_impl(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, mean, var, invstd = _torch_ops.forward_train(x, weight, bias, eps)
+    y, mean, var, invstd = _torch_ops.forward_train(x, weight, bias, eps, stats64=True)
     return _like(y, x), mean, var, invstd
 
 
@@ -100,7 +103,8 @@ forward_train = torch.library.custom_op("batchnorm::forward_train", _forward_tra
 
 @forward_train.register_fake
 def _(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    return (torch.empty_like(x), *_stats_like(x, 3))
+    channels, dtype = x.shape[1], _train_stats_dtype(x)
+    return (torch.empty_like(x), *(x.new_empty((channels,), dtype=dtype) for _ in range(3)))
 
 
 def _backward_train_impl(
@@ -186,11 +190,7 @@ def _setup_train(ctx, inputs, output) -> None:
 
 def _backward_train(ctx, dy, _dmean, _dvar, _dinvstd):
     x, weight, mean, invstd = ctx.saved_tensors
-    tracing = _tracing()
-    stats64 = getattr(ctx, "stats64", None)
-    if stats64 is not None and not tracing:
-        mean, invstd = stats64
-    op = backward_train if tracing else _backward_train_impl
+    op = backward_train if _tracing() else _backward_train_impl
     dx, dweight, dbias = op(dy, x, mean, invstd, weight)
     needs = ctx.needs_input_grad
     return (
@@ -245,13 +245,8 @@ class _Train(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
-        y, mean, var, invstd = _torch_ops.forward_train(x, weight, bias, eps, stats64=True)
-        output = (_like(y, x), *(_compute_stat(t, x) for t in (mean, var, invstd)))
+        output = _forward_train_impl(x, weight, bias, eps)
         _setup_train(ctx, (x, weight, bias, eps), output)
-        # The backward forms x_hat from the float64 mean where the kernels gave one (see
-        # kernels.forward_train's stats64); the outputs keep the op's dtypes. A traced graph
-        # runs the op, which saves its outputs.
-        ctx.stats64 = (mean, invstd) if mean.dtype != output[1].dtype else None
         return output
 
     backward = staticmethod(_backward_train)  # type: ignore[assignment]

@@ -293,6 +293,8 @@ def _batch_norm_torch(
         return _custom_ops.train_triton(x, weight, bias, eps, running)
     y, mean, var, _ = _custom_ops.batch_norm_train(x, weight, bias, eps)
     if running_mean is not None and running_var is not None:
+        # float64 statistics from the CPU kernels, rounded to the buffers' dtype as torch's are
+        mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
         update_running_(running_mean, running_var, mean, var, count, cast(float, momentum))
     return y
 

@@ -444,3 +444,16 @@ def test_training_gradients_keep_float32_accuracy_at_a_large_offset(shape, layou
     # the running buffers: the float64 update, rounded once more to float32
     torch.testing.assert_close(ours.running_mean, exact.running_mean.float(), rtol=3e-7, atol=0)
     torch.testing.assert_close(ours.running_var, exact.running_var.float(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_torch_compile_gradients_keep_float32_accuracy_at_a_large_offset(float64_gaps):
+    """The traced graph runs the custom op, whose statistics on the CPU kernels are float64:
+    the compiled backward forms x_hat from the same mean as the eager one."""
+    gen = torch.Generator().manual_seed(4)
+    x = 1e4 + 1e-2 * torch.randn(16, 8, 7, 7, generator=gen)
+    dy = torch.randn(16, 8, 7, 7, generator=gen)
+    ours = bnn.BatchNorm2d(8)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    gaps = float64_gaps(compiled, torch.nn.BatchNorm2d(8).double(), x, dy)
+    assert max(gaps.values()) < 1e-6, gaps
