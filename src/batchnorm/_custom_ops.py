@@ -94,7 +94,7 @@ def _invstd(running_var: Tensor, eps: float, x: Tensor) -> Tensor:
 def _forward_train_impl(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, mean, var, invstd = _torch_ops.forward_train(x, weight, bias, eps, stats64=True)
+    y, mean, var, invstd = _torch_ops.forward_train(x, weight, bias, eps)
     return _like(y, x), mean, var, invstd
 
 

@@ -7,7 +7,10 @@ kernels (``batchnorm.kernels.triton``), imported only when a CUDA tensor arrives
 here: ``functional`` and the modules build their gradients from these pieces.
 
 float16 and bfloat16 inputs are computed in float32 (NumPy has no bfloat16) and cast back;
-statistics come back in the compute dtype (float64 for float64 input, float32 otherwise).
+statistics come back in the compute dtype (float64 for float64 input, float32 otherwise),
+except that ``forward_train`` and ``channel_stats(x, stats64=True)`` give float64 ones on the
+numba kernels, for a backward to form ``x - mean`` from; statistics passed in as float64 reach
+the kernels unrounded.
 
 Functions (same names and meaning as ``batchnorm.kernels``)::
 
@@ -166,12 +169,12 @@ def _np_stat(t: torch.Tensor, dtype: torch.dtype) -> Any:
     return _np(t) if t.dtype == torch.float64 else _np_as(t, dtype)
 
 
-def forward_train(x, weight, bias, eps: float, stats64: bool = False):
-    """``stats64=True``: the statistics in float64 where the numba kernels run on x directly
-    (``kernels.forward_train``'s option); elsewhere in the compute dtype as always."""
+def forward_train(x, weight, bias, eps: float):
+    """The statistics come in float64 where the numba kernels run on x directly (every caller
+    hands them to a backward: ``kernels.forward_train``'s ``stats64``), else in the compute dtype."""
     if _direct(x):
         arrays = cpu_kernels.forward_train(
-            _np(x), _np_as(weight, x.dtype), _np_as(bias, x.dtype), eps, stats64=stats64
+            _np(x), _np_as(weight, x.dtype), _np_as(bias, x.dtype), eps, stats64=True
         )
         return tuple(torch.from_numpy(a) for a in arrays)
     return _run("forward_train", (x, weight, bias), (eps,), x, n_full=1)

@@ -63,7 +63,7 @@ def _forward_chunk(x_j: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
             _np(x_j), _np(weight), _np(bias), eps, out=y_j.numpy(), stats64=True
         )
         return torch.from_numpy(mean), torch.from_numpy(var), torch.from_numpy(invstd)
-    out_j, mean, var, invstd = ops.forward_train(x_j, weight, bias, eps, stats64=True)
+    out_j, mean, var, invstd = ops.forward_train(x_j, weight, bias, eps)
     y_j.copy_(out_j)
     return mean, var, invstd
 
