@@ -311,6 +311,22 @@ def test_thread_count_follows_torch_then_override(monkeypatch):
             kernels.set_num_threads(bad)
 
 
+@pytest.mark.skipif(_dispatch.numba.config.NUMBA_NUM_THREADS < 2, reason="needs a pool of 2 threads")
+def test_parallel_call_restores_numba_thread_count_changed_in_between():
+    # the kernels read numba's count through its raw getter after the first parallel call:
+    # a count the program changed since then (numba.set_num_threads) must still be seen
+    numba = _dispatch.numba
+    kernels.set_num_threads(2)
+    try:
+        assert _dispatch._use_threads(_dispatch._PARALLEL_MIN) == 2
+        assert numba.get_num_threads() == 2
+        numba.set_num_threads(1)
+        assert _dispatch._use_threads(_dispatch._PARALLEL_MIN) == 2
+        assert numba.get_num_threads() == 2
+    finally:
+        kernels.set_num_threads(None)
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [

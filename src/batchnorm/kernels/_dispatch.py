@@ -168,15 +168,24 @@ def set_num_threads(n: int | None) -> None:
     _threads_override = n
 
 
+# The calling thread's numba thread count, read without numba.get_num_threads()'s two locks
+# (it makes sure the pool is up first: 0.69 us vs 0.06 us a call here, once per kernel call).
+# numba defines the raw getter when its pool starts; set on our first parallel call.
+_numba_thread_count = None
+
+
 def _use_threads(size: int) -> int:
     """Threads for an input of ``size`` elements; sets numba's (thread-local) count to match."""
-    global _pool_started
+    global _pool_started, _numba_thread_count
     if size < _PARALLEL_MIN or _forked_after_pool:
         return 1
     threads = num_threads()
     if threads > 1:
+        if _numba_thread_count is None:
+            numba.get_num_threads()  # starts the pool
+            _numba_thread_count = getattr(numba.np.ufunc.parallel, "_get_num_threads", numba.get_num_threads)
         _pool_started = True
-        if numba.get_num_threads() != threads:
+        if _numba_thread_count() != threads:
             numba.set_num_threads(threads)
     return threads
 
