@@ -62,6 +62,7 @@ from batchnorm.kernels.backward import (
     backward_reduce_cf,
     backward_reduce_rows,
     backward_rows,
+    backward_two_pass_cf,
 )
 from batchnorm.kernels.forward import (
     forward_rows,
@@ -747,10 +748,21 @@ def backward(
         elif nb := _channel_blocks(xv.shape[0], c, xv.shape[2], xv.itemsize, 2, threads):
             _k(backward_cf, threads)(dyv, xv, nb, mean64, invstd64, gamma64, dx.view, sum_dy, sum_dy_xhat)
         else:
-            m = xc.size // c
-            sum_dy, sum_dy_xhat = _reduce64(dyv, xv, kind, mean64, invstd64, threads)
-            a, mdy, k = _dx_coefficients(gamma64, invstd64, sum_dy, sum_dy_xhat, m)
-            _dx64(dyv, xv, kind, mean64, a, mdy, k, dx.view, threads)
+            n, s = xv.shape[0], xv.shape[2]
+            seg = _seg_cf(n * c, s, 2 * xv.itemsize, threads)
+            _k(backward_two_pass_cf, threads)(
+                dyv.reshape(n * c, s),
+                xv.reshape(n * c, s),
+                c,
+                mean64,
+                invstd64,
+                gamma64,
+                seg,
+                threads,
+                dx.view.reshape(n * c, s),
+                sum_dy,
+                sum_dy_xhat,
+            )
     return dx.result(x.dtype), sum_dy_xhat.astype(dt), sum_dy.astype(dt)
 
 
