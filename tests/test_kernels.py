@@ -533,6 +533,26 @@ def test_update_running_matches_reference_and_numpy_ops(rng, dtype):
     np.testing.assert_allclose(rv, want_var, rtol=RTOL[dtype])
 
 
+def test_update_running_rounds_float64_statistics_as_astype_would(rng):
+    # forward_train hands float32 buffers the float64 statistics; the compiled update rounds
+    # them itself, to the bits of rounding them first
+    rm, rv = rng.normal(size=9).astype(np.float32), rng.uniform(0.5, 2, 9).astype(np.float32)
+    mean, var = rng.normal(size=9), rng.uniform(0.5, 2, 9)
+    want_mean, want_var = rm.copy(), rv.copy()
+    _dispatch.update_running_(want_mean, want_var, mean.astype(np.float32), var.astype(np.float32), 40, 0.1)
+    _dispatch.update_running_(rm, rv, mean, var, 40, 0.1)
+    np.testing.assert_array_equal(rm, want_mean)
+    np.testing.assert_array_equal(rv, want_var)
+    # and through forward_train, the buffers end as with the rounded statistics it returns
+    x = make(rng, (64, 9), np.float32, "contiguous", loc=3.0)
+    rm, rv = np.zeros(9, np.float32), np.ones(9, np.float32)
+    _, mean32, var32, _ = kernels.forward_train(x, None, None, 1e-5, running=(rm, rv, None, 0.1))
+    want_mean, want_var = np.zeros(9, np.float32), np.ones(9, np.float32)
+    _dispatch.update_running_(want_mean, want_var, mean32, var32, 64, 0.1)
+    np.testing.assert_array_equal(rm, want_mean)
+    np.testing.assert_array_equal(rv, want_var)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("momentum", [0.1, 1, 0.0])
 def test_update_running_with_a_counter_is_the_update_plus_one_count(rng, dtype, momentum):

@@ -570,12 +570,16 @@ def forward_train(
     else:
         y, mean, var, invstd = _forward_train(x, gamma, beta, eps, out)
     dt = _compute_dtype(x)
-    rounded = (mean, var) if mean.dtype == dt else (mean.astype(dt), var.astype(dt))
     if running is not None and x.size:
-        update_running(running, *rounded, x.size // x.shape[1])
+        stats = (mean, var)
+        if running[0].dtype != dt != mean.dtype:
+            # buffers of the compute dtype round the float64 statistics themselves
+            # (running_step); others get them rounded to it first, as always
+            stats = (mean.astype(dt), var.astype(dt))
+        update_running(running, *stats, x.size // x.shape[1])
     if stats64 or invstd.dtype == dt:
         return y, mean, var, invstd
-    return y, *rounded, invstd.astype(dt)
+    return y, mean.astype(dt), var.astype(dt), invstd.astype(dt)
 
 
 def _forward_train(
