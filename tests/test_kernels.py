@@ -131,28 +131,37 @@ def test_forward_and_backward_match_reference(rng, shape, dtype, layout, path):
 @pytest.mark.skipif(_dispatch.numba.config.NUMBA_NUM_THREADS < 2, reason="needs a pool of 2 threads")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("shape", "seg"), [((8, 16, 32, 32), 1), ((2, 3, 64, 64), 2)])
-def test_unfused_channels_first_backward_in_one_call_matches_reference(rng, shape, seg, dtype, monkeypatch):
-    # no fused channel blocks: reduction, coefficients and dx pass in one compiled call, with
-    # whole (n, c) rows over the threads' ranges, or with 6 rows split in pieces for 2 threads
+def test_unfused_channels_first_passes_in_one_call_match_reference(rng, shape, seg, dtype, monkeypatch):
+    # no fused channel blocks: statistics, vectors and output pass in one compiled call, and
+    # reduction, coefficients and dx pass in another, with whole (n, c) rows over the threads'
+    # ranges, or with 6 rows split in pieces for 2 threads (the backward's piece size: 2 arrays)
     monkeypatch.setattr(_dispatch, "_SLAB_BYTES", 0)
     monkeypatch.setattr(_dispatch, "_threads_override", 2)
     monkeypatch.setattr(_dispatch, "_PARALLEL_MIN", 0)
-    segs = []
-    kernel = _dispatch.backward_two_pass_cf
+    segs = {}
+    for name in ("forward_two_pass_cf", "backward_two_pass_cf"):
+        kernel = getattr(_dispatch, name)
 
-    def spy(*args):
-        segs.append(args[6])
-        return kernel(*args)
+        def spy(*args, kernel=kernel, name=name):
+            segs[name] = args[5 if name.startswith("forward") else 6]
+            return kernel(*args)
 
-    spy.serial = kernel.serial
-    monkeypatch.setattr(_dispatch, "backward_two_pass_cf", spy)
+        spy.serial = kernel.serial
+        monkeypatch.setattr(_dispatch, name, spy)
     x = make(rng, shape, dtype, "contiguous", loc=50.0, scale=0.5)
     dy = make(rng, shape, dtype, "contiguous", loc=0.3)
     gamma = rng.normal(1.0, 0.5, shape[1]).astype(dtype)
-    _, cache = reference.forward(x.astype(np.float64), gamma.astype(np.float64), None, eps=1e-5)
+    beta = rng.normal(0.0, 1.0, shape[1]).astype(dtype)
+    y_ref, cache = reference.forward(x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64))
     dx_ref, dgamma_ref, dbeta_ref = reference.backward(dy.astype(np.float64), cache)
-    dx, dgamma, dbeta = kernels.backward(dy, x, cache.mean, cache.invstd, gamma)
-    assert segs == [seg]
+    y, mean, var, invstd = kernels.forward_train(x, gamma, beta, 1e-5, stats64=True)
+    dx, dgamma, dbeta = kernels.backward(dy, x, mean, invstd, gamma)
+    assert segs["backward_two_pass_cf"] == seg
+    assert segs["forward_two_pass_cf"] == _dispatch._seg_cf(shape[0] * shape[1], x[0, 0].size, x.itemsize, 2)
+    close(y, y_ref, dtype)
+    np.testing.assert_allclose(mean, cache.mean, rtol=1e-12)
+    np.testing.assert_allclose(var, cache.var, rtol=RTOL[dtype])
+    np.testing.assert_allclose(invstd, cache.invstd, rtol=RTOL[dtype])
     close(dx, dx_ref, dtype)
     close(dgamma, dgamma_ref, dtype, scale=np.max(np.abs(dbeta_ref)) + np.max(np.abs(dgamma_ref)))
     close(dbeta, dbeta_ref, dtype)
@@ -402,9 +411,10 @@ def test_kernels_are_cached_on_disk_and_listed():
     jitted = list({id(f): f for m in modules for f in vars(m).values() if hasattr(f, "py_func")}.values())
     jitted += [f.serial for f in jitted if hasattr(f, "serial")]
     jitted = list({id(f): f for f in jitted}.values())  # a twin may also have a module-level name
-    # 13 kernels with serial twins + _reduce_block, _stats_block, normalize_running_rows,
-    # running_vectors, channel_block_stats, _reduce_cf, _dx_cf; running_step(_counted)
-    assert len(jitted) == 35
+    # 14 kernels with serial twins + _reduce_block, _stats_block, normalize_running_rows,
+    # running_vectors, channel_block_stats, _reduce_cf, _dx_cf, _normalize_vectors;
+    # running_step(_counted)
+    assert len(jitted) == 38
     assert all(type(f._cache).__name__ == "FunctionCache" for f in jitted)
     rows = kernels.backend_table()
     assert {"float32", "float64", "float16"} <= {r["input"] for r in rows}

@@ -67,6 +67,7 @@ from batchnorm.kernels.backward import (
 from batchnorm.kernels.forward import (
     forward_rows,
     forward_train_cf,
+    forward_two_pass_cf,
     normalize_cf,
     normalize_rows,
     normalize_running_rows,
@@ -609,11 +610,22 @@ def _forward_train(
         mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
         _k(forward_train_cf, threads)(xv, nb, gamma64, beta64, float(eps), y.view, mean, var, invstd)
     else:
-        mean, var = _stats64(xv, kind, threads)
-        with np.errstate(all="ignore"):  # non-finite statistics propagate silently, as in torch
-            invstd = 1.0 / np.sqrt(var + eps)
-            scale = invstd * gamma64
-        _normalize64(xv, kind, mean, scale, beta64, y.view, threads)
+        mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
+        n, s = xv.shape[0], xv.shape[2]
+        seg = _seg_cf(n * c, s, xv.itemsize, threads)
+        _k(forward_two_pass_cf, threads)(
+            xv.reshape(n * c, s),
+            c,
+            gamma64,
+            beta64,
+            float(eps),
+            seg,
+            threads,
+            y.view.reshape(n * c, s),
+            mean,
+            var,
+            invstd,
+        )
     return y.result(x.dtype), mean, var, invstd
 
 

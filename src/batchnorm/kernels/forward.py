@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from batchnorm.kernels._jit import FASTMATH, elementwise_kernel, parallel_kernel
-from batchnorm.kernels.stats import _stats_block
+from batchnorm.kernels.stats import _stats_block, stats_cf
 
 
 @numba.njit(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
@@ -147,6 +147,60 @@ def normalize_cf(x, c_, mean_hi, mean_lo, scale, shift, seg, nblk, y):  # pragma
         t = shift[c]
         for i in range(xr.shape[0]):
             yr[i] = ((xr[i] - hi) - lo) * a + t
+
+
+@numba.njit(inline="always", cache=True, error_model="numpy", nogil=True)
+def _normalize_vectors(c_, gamma, beta, eps, mean, var, invstd, dtype):  # pragma: no cover - compiled
+    """``invstd`` filled, and ``normalize_cf``'s vectors in ``dtype``: the float64 mean as
+    ``hi + lo``, ``scale = invstd * gamma`` and ``beta``, rounded as NumPy's ``astype`` would."""
+    dt = dtype.type
+    hi = np.empty(c_, dtype)
+    lo = np.empty(c_, dtype)
+    scale = np.empty(c_, dtype)
+    shift = np.empty(c_, dtype)
+    for c in range(c_):
+        invstd[c] = 1.0 / math.sqrt(var[c] + eps)
+        hi[c] = dt(mean[c])
+        lo[c] = dt(mean[c] - hi[c])
+        scale[c] = dt(invstd[c] * gamma[c])
+        shift[c] = dt(beta[c])
+    return hi, lo, scale, shift
+
+
+@numba.njit(cache=True, error_model="numpy", nogil=True)
+def forward_two_pass_cf(
+    x, c_, gamma, beta, eps, seg, nblk, y, mean, var, invstd
+):  # pragma: no cover - compiled
+    """The unfused channels-first training forward in one call: ``stats_cf``, then
+    ``invstd = 1 / sqrt(var + eps)`` and the vectors, then ``normalize_cf``, on x, y: (N*C, S).
+
+    Each kernel keeps its own compilation (``stats_cf``'s reassociated float64 sums,
+    ``normalize_cf``'s compensated ``(x - hi) - lo`` without reassociation); this function
+    only chains them, so the bits are those of the two calls with NumPy vector arithmetic
+    between them that it replaces. That arithmetic (a sqrt, a division, a product and five
+    casts) cost 60-100 us of NumPy calls right after another layer's work had gone through
+    the caches, for a few microseconds of work.
+    """
+    stats_cf(x, c_, seg, nblk, mean, var)
+    hi, lo, scale, shift = _normalize_vectors(c_, gamma, beta, eps, mean, var, invstd, x.dtype)
+    normalize_cf(x, c_, hi, lo, scale, shift, seg, nblk, y)
+
+
+_stats_cf_serial = stats_cf.serial
+_normalize_cf_serial = normalize_cf.serial
+
+
+@numba.njit(cache=True, error_model="numpy", nogil=True)
+def forward_two_pass_cf_serial(
+    x, c_, gamma, beta, eps, seg, nblk, y, mean, var, invstd
+):  # pragma: no cover - compiled
+    """``forward_two_pass_cf`` on the kernels' single-threaded twins."""
+    _stats_cf_serial(x, c_, seg, nblk, mean, var)
+    hi, lo, scale, shift = _normalize_vectors(c_, gamma, beta, eps, mean, var, invstd, x.dtype)
+    _normalize_cf_serial(x, c_, hi, lo, scale, shift, seg, nblk, y)
+
+
+forward_two_pass_cf.serial = forward_two_pass_cf_serial
 
 
 @elementwise_kernel
