@@ -70,6 +70,7 @@ from batchnorm.kernels.forward import (
     forward_two_pass_cf,
     normalize_cf,
     normalize_rows,
+    normalize_running_cf,
     normalize_running_rows,
 )
 from batchnorm.kernels.running import numpy_running_step, running_step, running_step_counted
@@ -479,13 +480,36 @@ def _predict_canonical(x, kind: str, running_mean, running_var, eps: float, gamm
 
     The general path's kernels (``_normalize64``) on the same float64 vectors, without the
     checks and conversions for arbitrary strides (``_prepare``, ``_vector``, ``normalize``'s
-    second set of vectors). The vectors stay NumPy expressions: a compiled helper for them
-    saved ~3 us per call and cost ~0.35 s of compilation on a first call. Float32, 2 threads,
-    previous code loaded beside it, runs of 10 calls, with ``_Output``'s direct allocation
-    (the first version of this path): (64, 3, 64, 64) 94 -> 80 us, (16, 1024, 14, 14)
-    550 -> 413 us, channels-last (16, 64, 56, 56) 432 -> 324 us, (4096, 256) 147 -> 121 us.
+    second set of vectors). Float32, 2 threads, previous code loaded beside it, runs of 10
+    calls, with ``_Output``'s direct allocation (the first version of this path):
+    (64, 3, 64, 64) 94 -> 80 us, (16, 1024, 14, 14) 550 -> 413 us, channels-last
+    (16, 64, 56, 56) 432 -> 324 us, (4096, 256) 147 -> 121 us.
+
+    Channels-first x (not read as rows) forms its vectors inside one compiled call
+    (``normalize_running_cf``). In a loop that saved ~3 us a call, and the first call
+    compiles ~0.35 s more; but right after another layer's work has gone through the
+    caches the ten NumPy calls it replaces cost 60-100 us.
     """
     threads = _use_threads(x.size)
+    if kind == CF:
+        xv = _view(x, kind)
+        if not _short_runs(xv):
+            n, c, s = xv.shape
+            y = _buffers.empty(x.shape, x.dtype)
+            seg = _seg_cf(n * c, s, x.itemsize, threads)
+            _k(normalize_running_cf, threads)(
+                xv.reshape(n * c, s),
+                c,
+                running_mean,
+                running_var,
+                float(eps),
+                gamma,
+                beta,
+                seg,
+                threads,
+                y.reshape(n * c, s),
+            )
+            return y
     mean = running_mean.astype(np.float64)
     with np.errstate(all="ignore"):  # a negative running_var gives NaN silently, as in torch
         scale = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
