@@ -411,10 +411,10 @@ def test_kernels_are_cached_on_disk_and_listed():
     jitted = list({id(f): f for m in modules for f in vars(m).values() if hasattr(f, "py_func")}.values())
     jitted += [f.serial for f in jitted if hasattr(f, "serial")]
     jitted = list({id(f): f for f in jitted}.values())  # a twin may also have a module-level name
-    # 15 kernels with serial twins + _reduce_block, _stats_block, normalize_running_rows,
+    # 16 kernels with serial twins + _reduce_block, _stats_block, normalize_running_rows,
     # running_vectors, channel_block_stats, _reduce_cf, _dx_cf, _split_vectors,
     # _normalize_vectors; running_step(_counted)
-    assert len(jitted) == 41
+    assert len(jitted) == 43
     assert all(type(f._cache).__name__ == "FunctionCache" for f in jitted)
     rows = kernels.backend_table()
     assert {"float32", "float64", "float16"} <= {r["input"] for r in rows}
@@ -765,16 +765,28 @@ def test_normalize_running_keeps_the_layout_and_normalizes_bits(rng, layout, sha
 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(6, 5, 7, 7), (16, 64, 9, 9)])  # one thread / two
-def test_channels_first_prediction_in_one_call_has_normalize_bits(rng, shape, dtype, affine):
-    # normalize_running_cf forms the vectors inside the compiled call: the bits of the NumPy
-    # vectors and normalize's kernel, at an offset where a sloppy split of the mean shows
-    x = make(rng, shape, dtype, "contiguous", loc=1e4, scale=1e-2)
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [
+        ((6, 5, 7, 7), "contiguous"),  # normalize_running_cf, one thread
+        ((16, 64, 9, 9), "contiguous"),  # two threads
+        ((8, 12, 9, 9), "channels_last"),  # predict_rows, 12 channels regrouped
+        ((1024, 600), "contiguous"),  # predict_rows, two threads (above _SERIAL_EVAL_MAX)
+    ],
+)
+def test_prediction_in_one_call_has_normalize_bits(rng, shape, layout, dtype, affine):
+    # normalize_running_cf and predict_rows form the vectors inside the compiled call: the
+    # bits of the NumPy vectors and normalize's kernels, at an offset where a sloppy split of
+    # the mean shows
+    x = make(rng, shape, dtype, layout, loc=1e4, scale=1e-2)
     c = shape[1]
     running_mean = rng.normal(1e4, 1e-3, c).astype(dtype)
     running_var = rng.uniform(1e-5, 1e-4, c).astype(dtype)
     gamma, beta = rng.normal(size=(2, c)).astype(dtype) if affine else (None, None)
-    assert not _dispatch._short_runs(x.reshape(shape[0], c, -1))
+    if layout == "contiguous" and x.ndim > 2:
+        assert not _dispatch._short_runs(x.reshape(shape[0], c, -1))
+    else:
+        assert not _dispatch._serial_eval_rows(x)
     y = kernels.normalize_running(x, running_mean, running_var, 1e-5, gamma, beta)
     invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + 1e-5)
     np.testing.assert_array_equal(y, kernels.normalize(x, running_mean, invstd, gamma, beta))

@@ -72,6 +72,7 @@ from batchnorm.kernels.forward import (
     normalize_rows,
     normalize_running_cf,
     normalize_running_rows,
+    predict_rows,
 )
 from batchnorm.kernels.running import numpy_running_step, running_step, running_step_counted
 from batchnorm.kernels.stats import stats_cf, stats_rows
@@ -485,31 +486,40 @@ def _predict_canonical(x, kind: str, running_mean, running_var, eps: float, gamm
     (64, 3, 64, 64) 94 -> 80 us, (16, 1024, 14, 14) 550 -> 413 us, channels-last
     (16, 64, 56, 56) 432 -> 324 us, (4096, 256) 147 -> 121 us.
 
-    Channels-first x (not read as rows) forms its vectors inside one compiled call
-    (``normalize_running_cf``). In a loop that saved ~3 us a call, and the first call
-    compiles ~0.35 s more; but right after another layer's work has gone through the
-    caches the ten NumPy calls it replaces cost 60-100 us.
+    Rows and channels-first x (but short maps read as rows of C * S) form the vectors inside
+    one compiled call (``predict_rows``, ``normalize_running_cf``). In a loop that saved ~3 us
+    a call, and the first channels-first call compiles ~0.35 s more; but right after another
+    layer's work has gone through the caches the ten NumPy calls it replaces cost 60-100 us.
     """
     threads = _use_threads(x.size)
-    if kind == CF:
-        xv = _view(x, kind)
-        if not _short_runs(xv):
-            n, c, s = xv.shape
-            y = _buffers.empty(x.shape, x.dtype)
-            seg = _seg_cf(n * c, s, x.itemsize, threads)
-            _k(normalize_running_cf, threads)(
-                xv.reshape(n * c, s),
-                c,
-                running_mean,
-                running_var,
-                float(eps),
-                gamma,
-                beta,
-                seg,
-                threads,
-                y.reshape(n * c, s),
-            )
-            return y
+    xv = _view(x, kind)
+    if kind == ROWS:
+        k = _widen(xv.shape[0], xv.shape[1], xv.size)
+        xw = _wide(xv, k)
+        y, y_view = _canonical_empty(x, kind)
+        nblk = _blocks_rows(xw.shape[0], xw.shape[1], x.itemsize, threads)
+        # run 1 and batch_stats False passed from here: forward_rows' training types (see there)
+        _k(predict_rows, threads)(
+            xw, k, 1, nblk, False, running_mean, running_var, float(eps), gamma, beta, _wide(y_view, k)
+        )
+        return y
+    if not _short_runs(xv):
+        n, c, s = xv.shape
+        y = _buffers.empty(x.shape, x.dtype)
+        seg = _seg_cf(n * c, s, x.itemsize, threads)
+        _k(normalize_running_cf, threads)(
+            xv.reshape(n * c, s),
+            c,
+            running_mean,
+            running_var,
+            float(eps),
+            gamma,
+            beta,
+            seg,
+            threads,
+            y.reshape(n * c, s),
+        )
+        return y
     mean = running_mean.astype(np.float64)
     with np.errstate(all="ignore"):  # a negative running_var gives NaN silently, as in torch
         scale = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
@@ -517,7 +527,7 @@ def _predict_canonical(x, kind: str, running_mean, running_var, eps: float, gamm
         scale *= gamma
     shift = np.zeros(x.shape[1]) if beta is None else beta.astype(np.float64)
     y, y_view = _canonical_empty(x, kind)
-    _normalize64(_view(x, kind), kind, mean, scale, shift, y_view, threads)
+    _normalize64(xv, kind, mean, scale, shift, y_view, threads)
     return y
 
 
