@@ -829,3 +829,61 @@ def test_forward_train_stats64_are_the_unrounded_statistics(rng, path, shape, dt
     _, cache = reference.forward(x.astype(np.float64), None, None)
     np.testing.assert_allclose(stats64[0], cache.mean, rtol=1e-14, atol=0)
     np.testing.assert_allclose(stats64[1], cache.var, rtol=1e-6 if dtype == np.float32 else 1e-9, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "layout", "forward", "backward"),
+    [
+        ((1024, 40), "contiguous", "rows", "rows"),  # above the one-thread small-rows path
+        ((8, 12, 9, 9), "channels_last", "rows", "rows"),
+        ((64, 6, 3, 3), "contiguous", "rows", "rows"),  # short maps read as rows of C * S
+        ((4, 9, 64), "contiguous", "fused", "fused"),
+        ((2, 3, 64, 64), "contiguous", "two_pass", "two_pass"),
+    ],
+)
+def test_a_kept_plan_gives_the_first_calls_bits(rng, shape, layout, forward, backward, dtype, monkeypatch):
+    # the first call of a canonical input decides its layout and kernel split and keeps them
+    # (_plan); later calls skip the deciding (_prepare, _Output, ...) and must match it bit for bit
+    monkeypatch.setattr(_dispatch, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(_dispatch, "_PLANS", {})
+    if forward == "two_pass":
+        monkeypatch.setattr(_dispatch, "_SLAB_BYTES", 0)
+    x = make(rng, shape, dtype, layout, loc=1e3, scale=0.5)
+    dy = np.empty_like(x)
+    dy[...] = rng.normal(0.2, 1.0, shape)
+    gamma = rng.normal(1.0, 0.5, shape[1]).astype(dtype)
+    first = kernels.forward_train(x, gamma, None, 1e-5, stats64=True)
+    (plan,) = _dispatch._PLANS.values()
+    assert (plan.forward[0], plan.backward[0]) == (forward, backward)
+    first_back = kernels.backward(dy, x, first[1], first[3], gamma)
+    prepared = []
+    prepare = _dispatch._prepare
+    monkeypatch.setattr(_dispatch, "_prepare", lambda *a: prepared.append(a) or prepare(*a))
+    again = kernels.forward_train(x, gamma, None, 1e-5, stats64=True)
+    again_back = kernels.backward(dy, x, first[1], first[3], gamma)
+    assert prepared == []  # both calls took the kept plan
+    for got, want in zip((*again, *again_back), (*first, *first_back), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert again[0].strides == x.strides and again_back[0].strides == x.strides
+    # dy in another layout than x: the general path, the same values
+    dy_other = np.ascontiguousarray(dy) if layout == "channels_last" else np.asfortranarray(dy)
+    for got, want in zip(kernels.backward(dy_other, x, first[1], first[3], gamma), first_back, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert len(prepared) == 1
+
+
+def test_plans_follow_the_thresholds_and_stay_bounded(rng, monkeypatch):
+    monkeypatch.setattr(_dispatch, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(_dispatch, "_PLANS", {})
+    x = make(rng, (4, 9, 64), np.float32, "contiguous", loc=2.0)
+    kernels.forward_train(x, None, None, 1e-5)
+    assert [p.forward[0] for p in _dispatch._PLANS.values()] == ["fused"]
+    monkeypatch.setattr(_dispatch, "_SLAB_BYTES", 0)  # no fused blocks any more: a new plan
+    y, *_ = kernels.forward_train(x, None, None, 1e-5)
+    assert sorted(p.forward[0] for p in _dispatch._PLANS.values()) == ["fused", "two_pass"]
+    y_ref, _ = reference.forward(x.astype(np.float64), None, None)
+    close(y, y_ref, np.float32)
+    monkeypatch.setattr(_dispatch, "_PLANS_MAX", 2)
+    kernels.forward_train(x[:3], None, None, 1e-5)  # a third shape: the kept plans start over
+    assert len(_dispatch._PLANS) == 1

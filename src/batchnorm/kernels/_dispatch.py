@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -621,46 +622,116 @@ def _forward_train(
     x: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float, out: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``forward_train`` with the statistics in float64."""
-    xc, kind = _prepare(x)
+    plan, output = _known_plan(x, out), None
+    if plan is not None:  # a canonical x met before: its layout and kernel split are known
+        xv = _view(x, plan.kind)
+        y, yv = _canonical_empty(x, plan.kind)
+    else:
+        xc, kind = _prepare(x)
+        output = _Output(xc, kind, x.dtype, out)
+        if xc.size == 0:
+            nan = np.full(x.shape[1], np.nan)
+            return output.result(x.dtype), nan, nan.copy(), nan.copy()
+        xv, yv = _view(xc, kind), output.view
+        plan = _plan(x, xc, out, kind, xv)
     c = x.shape[1]
+    threads = _use_threads(x.size)
     gamma64 = _vector(gamma, c, "gamma", 1.0)
     beta64 = _vector(beta, c, "beta", 0.0)
-    y = _Output(xc, kind, x.dtype, out)
-    if xc.size == 0:
-        return y.result(x.dtype), np.full(c, np.nan), np.full(c, np.nan), np.full(c, np.nan)
-    threads = _use_threads(xc.size)
-    xv = _view(xc, kind)
-    if kind == ROWS or _short_runs(xv, _SHORT_TRAIN_MIN_N):
-        # One call for every rows input (was: small ones on one thread only): with the
-        # one-pass float32 block statistics it no longer loses to stats_rows + normalize_rows.
-        mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
-        run = 1 if kind == ROWS else xv.shape[2]
-        xr, yr = _as_rows(xv), _as_rows(y.view)
-        k = _widen(xr.shape[0], xr.shape[1], xr.size)
-        xw, yw = _wide(xr, k), _wide(yr, k)
-        nblk = _blocks_rows(xw.shape[0], xw.shape[1], xv.itemsize, threads)
-        _k(forward_rows, threads)(xw, k, run, nblk, True, gamma64, beta64, float(eps), yw, mean, var, invstd)
-    elif nb := _channel_blocks(xv.shape[0], c, xv.shape[2], xv.itemsize, 1, threads, train_forward=True):
-        mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
-        _k(forward_train_cf, threads)(xv, nb, gamma64, beta64, float(eps), y.view, mean, var, invstd)
+    mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
+    name, shape, ints = plan.forward
+    xk, yk = xv.reshape(shape), yv.reshape(shape)
+    if name == "rows":
+        k, run, nblk = ints
+        _k(forward_rows, threads)(xk, k, run, nblk, True, gamma64, beta64, float(eps), yk, mean, var, invstd)
+    elif name == "fused":
+        _k(forward_train_cf, threads)(xk, ints[0], gamma64, beta64, float(eps), yk, mean, var, invstd)
     else:
-        mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
-        n, s = xv.shape[0], xv.shape[2]
-        seg = _seg_cf(n * c, s, xv.itemsize, threads)
         _k(forward_two_pass_cf, threads)(
-            xv.reshape(n * c, s),
-            c,
-            gamma64,
-            beta64,
-            float(eps),
-            seg,
-            threads,
-            y.view.reshape(n * c, s),
-            mean,
-            var,
-            invstd,
+            xk, c, gamma64, beta64, float(eps), ints[0], threads, yk, mean, var, invstd
         )
-    return y.result(x.dtype), mean, var, invstd
+    if output is not None:
+        y = output.result(x.dtype)
+    return y, mean, var, invstd
+
+
+class _Plan(NamedTuple):
+    """How the training kernels run on a canonical input: its layout ``kind``, and for the
+    forward and the backward ``(kernel, kernel view shape, integer arguments)``."""
+
+    kind: str
+    forward: tuple
+    backward: tuple
+
+
+# Plans of canonical float32/float64 inputs, by (shape, strides, dtype, threads, _settings()):
+# a training step meets the same shapes every time, and deciding the layout and split again
+# (about a dozen small Python calls) cost 10-30 us per module forward right after another
+# layer's work had gone through the caches ((256, 1024), (4096, 256), (1024, 64), the two
+# versions alternating in one process). Bounded: emptied when it reaches _PLANS_MAX entries.
+_PLANS: dict[tuple, _Plan] = {}
+_PLANS_MAX = 512
+
+
+def _settings() -> tuple:
+    """The thresholds the plans depend on (tests and tuning change them at run time)."""
+    return (
+        _SLAB_BYTES,
+        _CHANNEL_BLOCK_BYTES,
+        _MIN_RUN_BYTES,
+        _SHORT_RUN_SLAB_BYTES,
+        _BLOCK_BYTES,
+        _ROW_BLOCK_BYTES,
+        _PARALLEL_MIN,
+        _WIDE_ROW,
+        _MAX_WIDE_ROW,
+        _SHORT_RUN,
+        _SHORT_MAX_ROW,
+        _SHORT_TRAIN_MIN_N,
+    )
+
+
+def _plan_key(x: np.ndarray) -> tuple:
+    return (x.shape, x.strides, x.dtype.char, _use_threads(x.size), _settings())
+
+
+def _known_plan(x: object, out: object) -> _Plan | None:
+    """The kept ``_Plan`` of x when x is an array met before without ``out``, else None."""
+    if out is not None or type(x) is not np.ndarray:
+        return None
+    return _PLANS.get(_plan_key(x))
+
+
+def _plan(x: np.ndarray, xc: np.ndarray, out: object, kind: str, xv: np.ndarray) -> _Plan:
+    """The ``_Plan`` of ``xv``, the canonical view of layout ``kind`` of ``xc`` (x, or its
+    canonical copy); kept when x itself is canonical and there is no ``out``."""
+    threads = _use_threads(xv.size)
+    c, itemsize = xv.shape[1], xv.itemsize
+    if kind == ROWS or _short_runs(xv, _SHORT_TRAIN_MIN_N):
+        # one call for every rows input; short channels-first maps read as N rows of C * S
+        run = 1 if kind == ROWS else xv.shape[2]
+        rows, width = xv.shape[0], xv.size // xv.shape[0]
+        k = _widen(rows, width, xv.size)
+        shape = (rows // k, width * k)
+        forward = ("rows", shape, (k, run, _blocks_rows(shape[0], shape[1], itemsize, threads)))
+        backward = ("rows", shape, (k, run, _blocks_rows(shape[0], shape[1], 2 * itemsize, threads)))
+    else:
+        n, s = xv.shape[0], xv.shape[2]
+        flat = (n * c, s)
+        if nb := _channel_blocks(n, c, s, itemsize, 1, threads, train_forward=True):
+            forward = ("fused", xv.shape, (nb,))
+        else:
+            forward = ("two_pass", flat, (_seg_cf(n * c, s, itemsize, threads),))
+        if nb := _channel_blocks(n, c, s, itemsize, 2, threads):
+            backward = ("fused", xv.shape, (nb,))
+        else:
+            backward = ("two_pass", flat, (_seg_cf(n * c, s, 2 * itemsize, threads),))
+    plan = _Plan(kind, forward, backward)
+    if xc is x and out is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[_plan_key(x)] = plan
+    return plan
 
 
 def _prepare_pair(dy: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
@@ -776,44 +847,46 @@ def backward(
         nblk = _blocks_rows(x.shape[0], c, 2 * x.itemsize, 1)
         backward_rows.serial(dyc, x, 1, 1, nblk, mean64, invstd64, gamma64, dxa, sum_dy, sum_dy_xhat)
         return dxa, sum_dy_xhat.astype(x.dtype), sum_dy.astype(x.dtype)
-    xc, dyc, kind = _prepare_pair(dy, x)
+    plan, output = _known_plan(x, out), None
+    if (
+        plan is not None
+        and type(dy) is np.ndarray
+        and dy.shape == x.shape
+        and dy.strides == x.strides
+        and dy.dtype == x.dtype
+    ):
+        # dy in x's canonical layout (shape, strides and dtype as x's): no copy to make
+        xv, dyv = _view(x, plan.kind), _view(dy, plan.kind)
+        dx, dxv = _canonical_empty(x, plan.kind)
+    else:
+        xc, dyc, kind = _prepare_pair(dy, x)
+        output = _Output(xc, kind, x.dtype, out)
+        if xc.size == 0:
+            zeros = np.zeros(x.shape[1], _compute_dtype(xc))
+            return output.result(x.dtype), zeros, zeros.copy()
+        xv, dyv, dxv = _view(xc, kind), _view(dyc, kind), output.view
+        plan = _plan(x, xc, out, kind, xv)
     c = x.shape[1]
-    dt = _compute_dtype(xc)
+    threads = _use_threads(x.size)
     mean64 = _vector(mean, c, "mean", 0.0)
     invstd64 = _vector(invstd, c, "invstd", 1.0)
     gamma64 = _vector(gamma, c, "gamma", 1.0)
-    dx = _Output(xc, kind, x.dtype, out)
-    sum_dy, sum_dy_xhat = np.zeros(c), np.zeros(c)
-    if xc.size:
-        threads = _use_threads(xc.size)
-        xv, dyv = _view(xc, kind), _view(dyc, kind)
-        if kind == ROWS or _short_runs(xv, _SHORT_TRAIN_MIN_N):
-            run = 1 if kind == ROWS else xv.shape[2]
-            k = _widen(xv.shape[0], xv.size // xv.shape[0], xv.size)
-            xw, dyw, dxw = (_wide(_as_rows(a), k) for a in (xv, dyv, dx.view))
-            nblk = _blocks_rows(xw.shape[0], xw.shape[1], 2 * xv.itemsize, threads)
-            _k(backward_rows, threads)(
-                dyw, xw, k, run, nblk, mean64, invstd64, gamma64, dxw, sum_dy, sum_dy_xhat
-            )
-        elif nb := _channel_blocks(xv.shape[0], c, xv.shape[2], xv.itemsize, 2, threads):
-            _k(backward_cf, threads)(dyv, xv, nb, mean64, invstd64, gamma64, dx.view, sum_dy, sum_dy_xhat)
-        else:
-            n, s = xv.shape[0], xv.shape[2]
-            seg = _seg_cf(n * c, s, 2 * xv.itemsize, threads)
-            _k(backward_two_pass_cf, threads)(
-                dyv.reshape(n * c, s),
-                xv.reshape(n * c, s),
-                c,
-                mean64,
-                invstd64,
-                gamma64,
-                seg,
-                threads,
-                dx.view.reshape(n * c, s),
-                sum_dy,
-                sum_dy_xhat,
-            )
-    return dx.result(x.dtype), sum_dy_xhat.astype(dt), sum_dy.astype(dt)
+    sum_dy, sum_dy_xhat = np.empty(c), np.empty(c)  # the kernels set every channel's sums
+    name, shape, ints = plan.backward
+    xk, dyk, dxk = xv.reshape(shape), dyv.reshape(shape), dxv.reshape(shape)
+    if name == "rows":
+        k, run, nblk = ints
+        _k(backward_rows, threads)(dyk, xk, k, run, nblk, mean64, invstd64, gamma64, dxk, sum_dy, sum_dy_xhat)
+    elif name == "fused":
+        _k(backward_cf, threads)(dyk, xk, ints[0], mean64, invstd64, gamma64, dxk, sum_dy, sum_dy_xhat)
+    else:
+        _k(backward_two_pass_cf, threads)(
+            dyk, xk, c, mean64, invstd64, gamma64, ints[0], threads, dxk, sum_dy, sum_dy_xhat
+        )
+    if output is not None:
+        dx = output.result(x.dtype)
+    dt = _compute_dtype(x)
+    return dx, sum_dy_xhat.astype(dt), sum_dy.astype(dt)
 
 
 def backend_table() -> list[dict[str, str]]:
