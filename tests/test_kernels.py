@@ -887,3 +887,35 @@ def test_plans_follow_the_thresholds_and_stay_bounded(rng, monkeypatch):
     monkeypatch.setattr(_dispatch, "_PLANS_MAX", 2)
     kernels.forward_train(x[:3], None, None, 1e-5)  # a third shape: the kept plans start over
     assert len(_dispatch._PLANS) == 1
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "predict"),
+    [
+        ((1024, 40), "contiguous", "rows"),
+        ((8, 12, 9, 9), "channels_last", "rows"),
+        ((20, 6, 3, 3), "contiguous", "short"),  # short maps from 16 samples on
+        ((4, 9, 64), "contiguous", "cf"),
+    ],
+)
+def test_prediction_from_a_kept_plan_has_normalize_bits(rng, shape, layout, predict, monkeypatch):
+    # a training call keeps the input's plan; prediction on the same layout reads it (and
+    # keeps one itself when it comes first)
+    monkeypatch.setattr(_dispatch, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(_dispatch, "_PLANS", {})
+    x = make(rng, shape, np.float32, layout, loc=1e3, scale=0.5)
+    c = shape[1]
+    running_mean = rng.normal(1e3, 0.1, c).astype(np.float32)
+    running_var = rng.uniform(0.1, 1.0, c).astype(np.float32)
+    gamma, beta = rng.normal(size=(2, c)).astype(np.float32)
+    invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + 1e-5)
+    want = kernels.normalize(x, running_mean, invstd, gamma, beta)
+    first = kernels.normalize_running(x, running_mean, running_var, 1e-5, gamma, beta)
+    (plan,) = _dispatch._PLANS.values()
+    assert plan.predict[0] == predict
+    kernels.forward_train(x, gamma, beta, 1e-5)
+    assert len(_dispatch._PLANS) == 1  # the same plan serves training
+    again = kernels.normalize_running(x, running_mean, running_var, 1e-5, gamma, beta)
+    np.testing.assert_array_equal(first, want)
+    np.testing.assert_array_equal(again, want)
+    assert again.strides == x.strides

@@ -475,7 +475,7 @@ def normalize(
     return y.result(x.dtype)
 
 
-def _predict_canonical(x, kind: str, running_mean, running_var, eps: float, gamma, beta) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _predict_canonical(x, plan: _Plan, running_mean, running_var, eps: float, gamma, beta) -> np.ndarray:  # type: ignore[no-untyped-def]
     """``normalize_running`` on a float32/float64 x already in a canonical layout (``kind``:
     C-contiguous channels-first, or C-contiguous (N, C) / channels-last rows) with vectors of
     x's dtype.
@@ -493,32 +493,39 @@ def _predict_canonical(x, kind: str, running_mean, running_var, eps: float, gamm
     layer's work has gone through the caches the ten NumPy calls it replaces cost 60-100 us.
     """
     threads = _use_threads(x.size)
-    xv = _view(x, kind)
-    if kind == ROWS:
-        k = _widen(xv.shape[0], xv.shape[1], xv.size)
-        xw = _wide(xv, k)
-        y, y_view = _canonical_empty(x, kind)
-        nblk = _blocks_rows(xw.shape[0], xw.shape[1], x.itemsize, threads)
+    xv = _view(x, plan.kind)
+    name, shape, ints = plan.predict
+    if name == "rows":
+        k, nblk = ints
+        y, yv = _canonical_empty(x, plan.kind)
         # run 1 and batch_stats False passed from here: forward_rows' training types (see there)
         _k(predict_rows, threads)(
-            xw, k, 1, nblk, False, running_mean, running_var, float(eps), gamma, beta, _wide(y_view, k)
-        )
-        return y
-    if not _short_runs(xv):
-        n, c, s = xv.shape
-        y = _buffers.empty(x.shape, x.dtype)
-        seg = _seg_cf(n * c, s, x.itemsize, threads)
-        _k(normalize_running_cf, threads)(
-            xv.reshape(n * c, s),
-            c,
+            xv.reshape(shape),
+            k,
+            1,
+            nblk,
+            False,
             running_mean,
             running_var,
             float(eps),
             gamma,
             beta,
-            seg,
+            yv.reshape(shape),
+        )
+        return y
+    if name == "cf":
+        y = _buffers.empty(x.shape, x.dtype)
+        _k(normalize_running_cf, threads)(
+            xv.reshape(shape),
+            x.shape[1],
+            running_mean,
+            running_var,
+            float(eps),
+            gamma,
+            beta,
+            ints[0],
             threads,
-            y.reshape(n * c, s),
+            y.reshape(shape),
         )
         return y
     mean = running_mean.astype(np.float64)
@@ -527,8 +534,8 @@ def _predict_canonical(x, kind: str, running_mean, running_var, eps: float, gamm
     if gamma is not None:
         scale *= gamma
     shift = np.zeros(x.shape[1]) if beta is None else beta.astype(np.float64)
-    y, y_view = _canonical_empty(x, kind)
-    _normalize64(xv, kind, mean, scale, shift, y_view, threads)
+    y, y_view = _canonical_empty(x, plan.kind)
+    _normalize64(xv, plan.kind, mean, scale, shift, y_view, threads)
     return y
 
 
@@ -549,10 +556,13 @@ def normalize_running(
             y = _buffers.empty(x.shape, x.dtype)  # large outputs from the cache
             normalize_running_rows(x, running_mean, running_var, float(eps), gamma, beta, y)
             return y
+        if plan := _known_plan(x, None):
+            return _predict_canonical(x, plan, running_mean, running_var, float(eps), gamma, beta)
         if type(x) is np.ndarray and x.dtype.char in "fd" and x.ndim > 1 and x.size:
             kind = _kind(x)
             if kind == CF or kind == ROWS:
-                return _predict_canonical(x, kind, running_mean, running_var, float(eps), gamma, beta)
+                plan = _plan(x, x, None, kind, _view(x, kind))
+                return _predict_canonical(x, plan, running_mean, running_var, float(eps), gamma, beta)
     with np.errstate(all="ignore"):  # a negative running_var gives NaN silently, as in torch
         invstd = 1.0 / np.sqrt(_vector(running_var, x.shape[1], "running_var", 1.0) + eps)
     return normalize(x, running_mean, invstd, gamma, beta)
@@ -656,12 +666,13 @@ def _forward_train(
 
 
 class _Plan(NamedTuple):
-    """How the training kernels run on a canonical input: its layout ``kind``, and for the
-    forward and the backward ``(kernel, kernel view shape, integer arguments)``."""
+    """How the kernels run on a canonical input: its layout ``kind``, and for the training
+    forward, the backward and prediction ``(kernel, kernel view shape, integer arguments)``."""
 
     kind: str
     forward: tuple
     backward: tuple
+    predict: tuple
 
 
 # Plans of canonical float32/float64 inputs, by (shape, strides, dtype, threads, _settings()):
@@ -686,6 +697,7 @@ def _settings() -> tuple:
         _WIDE_ROW,
         _MAX_WIDE_ROW,
         _SHORT_RUN,
+        _SHORT_MIN_N,
         _SHORT_MAX_ROW,
         _SHORT_TRAIN_MIN_N,
     )
@@ -718,15 +730,22 @@ def _plan(x: np.ndarray, xc: np.ndarray, out: object, kind: str, xv: np.ndarray)
     else:
         n, s = xv.shape[0], xv.shape[2]
         flat = (n * c, s)
+        seg = _seg_cf(n * c, s, itemsize, threads)
         if nb := _channel_blocks(n, c, s, itemsize, 1, threads, train_forward=True):
             forward = ("fused", xv.shape, (nb,))
         else:
-            forward = ("two_pass", flat, (_seg_cf(n * c, s, itemsize, threads),))
+            forward = ("two_pass", flat, (seg,))
         if nb := _channel_blocks(n, c, s, itemsize, 2, threads):
             backward = ("fused", xv.shape, (nb,))
         else:
             backward = ("two_pass", flat, (_seg_cf(n * c, s, 2 * itemsize, threads),))
-    plan = _Plan(kind, forward, backward)
+    if kind == ROWS:
+        predict = ("rows", shape, (k, forward[2][2]))
+    elif _short_runs(xv):  # prediction reads short maps as rows from fewer samples on
+        predict = ("short", xv.shape, ())
+    else:
+        predict = ("cf", flat, (seg,))
+    plan = _Plan(kind, forward, backward, predict)
     if xc is x and out is None:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
