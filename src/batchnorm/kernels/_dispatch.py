@@ -475,7 +475,9 @@ def normalize(
     return y.result(x.dtype)
 
 
-def _predict_canonical(x, plan: _Plan, running_mean, running_var, eps: float, gamma, beta) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _predict_canonical(
+    x, plan: _Plan, threads: int, running_mean, running_var, eps: float, gamma, beta
+) -> np.ndarray:  # type: ignore[no-untyped-def]
     """``normalize_running`` on a float32/float64 x already in a canonical layout (``kind``:
     C-contiguous channels-first, or C-contiguous (N, C) / channels-last rows) with vectors of
     x's dtype.
@@ -492,7 +494,6 @@ def _predict_canonical(x, plan: _Plan, running_mean, running_var, eps: float, ga
     a call, and the first channels-first call compiles ~0.35 s more; but right after another
     layer's work has gone through the caches the ten NumPy calls it replaces cost 60-100 us.
     """
-    threads = _use_threads(x.size)
     xv = _view(x, plan.kind)
     name, shape, ints = plan.predict
     if name == "rows":
@@ -556,13 +557,15 @@ def normalize_running(
             y = _buffers.empty(x.shape, x.dtype)  # large outputs from the cache
             normalize_running_rows(x, running_mean, running_var, float(eps), gamma, beta, y)
             return y
-        if plan := _known_plan(x, None):
-            return _predict_canonical(x, plan, running_mean, running_var, float(eps), gamma, beta)
         if type(x) is np.ndarray and x.dtype.char in "fd" and x.ndim > 1 and x.size:
-            kind = _kind(x)
-            if kind == CF or kind == ROWS:
-                plan = _plan(x, x, None, kind, _view(x, kind))
-                return _predict_canonical(x, plan, running_mean, running_var, float(eps), gamma, beta)
+            threads = _use_threads(x.size)
+            plan = _PLANS.get(_plan_key(x, threads))
+            if plan is None and (kind := _kind(x)) in (CF, ROWS):
+                plan = _plan(x, x, None, kind, _view(x, kind), threads)
+            if plan is not None:
+                return _predict_canonical(
+                    x, plan, threads, running_mean, running_var, float(eps), gamma, beta
+                )
     with np.errstate(all="ignore"):  # a negative running_var gives NaN silently, as in torch
         invstd = 1.0 / np.sqrt(_vector(running_var, x.shape[1], "running_var", 1.0) + eps)
     return normalize(x, running_mean, invstd, gamma, beta)
@@ -632,7 +635,10 @@ def _forward_train(
     x: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float, out: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``forward_train`` with the statistics in float64."""
-    plan, output = _known_plan(x, out), None
+    plan = output = None
+    if out is None and type(x) is np.ndarray:
+        threads = _use_threads(x.size)
+        plan = _PLANS.get(_plan_key(x, threads))
     if plan is not None:  # a canonical x met before: its layout and kernel split are known
         xv = _view(x, plan.kind)
         y, yv = _canonical_empty(x, plan.kind)
@@ -643,9 +649,9 @@ def _forward_train(
             nan = np.full(x.shape[1], np.nan)
             return output.result(x.dtype), nan, nan.copy(), nan.copy()
         xv, yv = _view(xc, kind), output.view
-        plan = _plan(x, xc, out, kind, xv)
+        threads = _use_threads(xc.size)
+        plan = _plan(x, xc, out, kind, xv, threads)
     c = x.shape[1]
-    threads = _use_threads(x.size)
     gamma64 = _vector(gamma, c, "gamma", 1.0)
     beta64 = _vector(beta, c, "beta", 0.0)
     mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
@@ -703,21 +709,13 @@ def _settings() -> tuple:
     )
 
 
-def _plan_key(x: np.ndarray) -> tuple:
-    return (x.shape, x.strides, x.dtype.char, _use_threads(x.size), _settings())
+def _plan_key(x: np.ndarray, threads: int) -> tuple:
+    return (x.shape, x.strides, x.dtype.char, threads, _settings())
 
 
-def _known_plan(x: object, out: object) -> _Plan | None:
-    """The kept ``_Plan`` of x when x is an array met before without ``out``, else None."""
-    if out is not None or type(x) is not np.ndarray:
-        return None
-    return _PLANS.get(_plan_key(x))
-
-
-def _plan(x: np.ndarray, xc: np.ndarray, out: object, kind: str, xv: np.ndarray) -> _Plan:
+def _plan(x: np.ndarray, xc: np.ndarray, out: object, kind: str, xv: np.ndarray, threads: int) -> _Plan:
     """The ``_Plan`` of ``xv``, the canonical view of layout ``kind`` of ``xc`` (x, or its
-    canonical copy); kept when x itself is canonical and there is no ``out``."""
-    threads = _use_threads(xv.size)
+    canonical copy), on ``threads``; kept when x itself is canonical and there is no ``out``."""
     c, itemsize = xv.shape[1], xv.itemsize
     if kind == ROWS or _short_runs(xv, _SHORT_TRAIN_MIN_N):
         # one call for every rows input; short channels-first maps read as N rows of C * S
@@ -749,7 +747,7 @@ def _plan(x: np.ndarray, xc: np.ndarray, out: object, kind: str, xv: np.ndarray)
     if xc is x and out is None:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        _PLANS[_plan_key(x)] = plan
+        _PLANS[_plan_key(x, threads)] = plan
     return plan
 
 
@@ -866,7 +864,10 @@ def backward(
         nblk = _blocks_rows(x.shape[0], c, 2 * x.itemsize, 1)
         backward_rows.serial(dyc, x, 1, 1, nblk, mean64, invstd64, gamma64, dxa, sum_dy, sum_dy_xhat)
         return dxa, sum_dy_xhat.astype(x.dtype), sum_dy.astype(x.dtype)
-    plan, output = _known_plan(x, out), None
+    plan = output = None
+    if out is None and type(x) is np.ndarray:
+        threads = _use_threads(x.size)
+        plan = _PLANS.get(_plan_key(x, threads))
     if (
         plan is not None
         and type(dy) is np.ndarray
@@ -884,9 +885,9 @@ def backward(
             zeros = np.zeros(x.shape[1], _compute_dtype(xc))
             return output.result(x.dtype), zeros, zeros.copy()
         xv, dyv, dxv = _view(xc, kind), _view(dyc, kind), output.view
-        plan = _plan(x, xc, out, kind, xv)
+        threads = _use_threads(xc.size)
+        plan = _plan(x, xc, out, kind, xv, threads)
     c = x.shape[1]
-    threads = _use_threads(x.size)
     mean64 = _vector(mean, c, "mean", 0.0)
     invstd64 = _vector(invstd, c, "invstd", 1.0)
     gamma64 = _vector(gamma, c, "gamma", 1.0)
