@@ -478,21 +478,19 @@ def normalize(
 def _predict_canonical(
     x, plan: _Plan, threads: int, running_mean, running_var, eps: float, gamma, beta
 ) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """``normalize_running`` on a float32/float64 x already in a canonical layout (``kind``:
-    C-contiguous channels-first, or C-contiguous (N, C) / channels-last rows) with vectors of
-    x's dtype.
+    """``normalize_running`` on a float32/float64 x already in a canonical layout
+    (``plan.kind``: C-contiguous channels-first, or C-contiguous (N, C) / channels-last rows),
+    with vectors of x's dtype, on ``threads``; the kernel and its split from ``plan.predict``.
 
-    The general path's kernels (``_normalize64``) on the same float64 vectors, without the
-    checks and conversions for arbitrary strides (``_prepare``, ``_vector``, ``normalize``'s
-    second set of vectors). Float32, 2 threads, previous code loaded beside it, runs of 10
-    calls, with ``_Output``'s direct allocation (the first version of this path):
-    (64, 3, 64, 64) 94 -> 80 us, (16, 1024, 14, 14) 550 -> 413 us, channels-last
-    (16, 64, 56, 56) 432 -> 324 us, (4096, 256) 147 -> 121 us.
-
-    Rows and channels-first x (but short maps read as rows of C * S) form the vectors inside
-    one compiled call (``predict_rows``, ``normalize_running_cf``). In a loop that saved ~3 us
-    a call, and the first channels-first call compiles ~0.35 s more; but right after another
-    layer's work has gone through the caches the ten NumPy calls it replaces cost 60-100 us.
+    Rows and channels-first x form the float64 vectors inside one compiled call
+    (``predict_rows``, ``normalize_running_cf``); channels-first x with short maps, read as
+    rows of C * S, form them in NumPy for ``_normalize64``. In a loop the compiled vectors
+    saved ~3 us a call, and the first channels-first call compiles ~0.35 s more; but right
+    after another layer's work has gone through the caches the ten NumPy calls they replace
+    cost 60-100 us. (This path without ``_prepare`` and ``normalize``'s checks, when it
+    first came: float32, 2 threads, runs of 10 calls: (64, 3, 64, 64) 94 -> 80 us,
+    (16, 1024, 14, 14) 550 -> 413 us, channels-last (16, 64, 56, 56) 432 -> 324 us,
+    (4096, 256) 147 -> 121 us.)
     """
     xv = _view(x, plan.kind)
     name, shape, ints = plan.predict
