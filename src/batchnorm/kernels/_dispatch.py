@@ -721,7 +721,8 @@ def _plan(x: np.ndarray, xc: np.ndarray, out: object, kind: str, xv: np.ndarray,
         rows, width = xv.shape[0], xv.size // xv.shape[0]
         k = _widen(rows, width, xv.size)
         shape = (rows // k, width * k)
-        forward = ("rows", shape, (k, run, _blocks_rows(shape[0], shape[1], itemsize, threads)))
+        nblk = _blocks_rows(shape[0], shape[1], itemsize, threads)
+        forward = ("rows", shape, (k, run, nblk))
         backward = ("rows", shape, (k, run, _blocks_rows(shape[0], shape[1], 2 * itemsize, threads)))
     else:
         n, s = xv.shape[0], xv.shape[2]
@@ -736,7 +737,7 @@ def _plan(x: np.ndarray, xc: np.ndarray, out: object, kind: str, xv: np.ndarray,
         else:
             backward = ("two_pass", flat, (_seg_cf(n * c, s, 2 * itemsize, threads),))
     if kind == ROWS:
-        predict = ("rows", shape, (k, forward[2][2]))
+        predict = ("rows", shape, (k, nblk))  # the training forward's split, run 1
     elif _short_runs(xv):  # prediction reads short maps as rows from fewer samples on
         predict = ("short", xv.shape, ())
     else:
