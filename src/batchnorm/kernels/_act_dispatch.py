@@ -45,10 +45,14 @@ from batchnorm.kernels._layout import CF, ROWS, _canonical_empty
 ACTIVATIONS: dict[str, int] = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 INVERTIBLE = ("identity", "leaky_relu")
 
-# Rows per block in the (R, C) layout: a block is read twice for its statistics, so it should
-# stay in the per-core L2 (1 MiB here) next to the partial sums; 256 KiB leaves room for the
-# output stream.
-_BLOCK_BYTES = 256 * 1024
+# Rows per block in the (R, C) layout: a block is read twice for its statistics, and up to
+# 1 MiB (the per-core L2 here) the second read mostly comes from cache. 1 MiB against 256 KiB
+# (which left room for the output stream in a hot loop of the raw kernel), batchnorm bench,
+# BatchNormAct1d x torch BN+ReLU, 4 interleaved pairs, medians, training forward / eval /
+# forward+backward: (256, 1024) 0.82 -> 0.85x / 1.06 -> 1.10x / 0.81 -> 0.81x, (4096, 256)
+# 1.08 -> 1.15x / 1.44 -> 1.52x / 0.94 -> 0.98x (the plain BN's rows blocks, see
+# ``_dispatch._ROW_BLOCK_BYTES``, measured the same way).
+_BLOCK_BYTES = 1 << 20
 # Short maps (``_run``) take the rows kernels in the training forward from this many values on:
 # two kernels and the per-channel combine in NumPy cost more than the one fused channels-first
 # call below it. Module training forward, float32, 2 threads, interleaved, us, rows vs fused:
