@@ -69,7 +69,7 @@ class _BatchRenormFunction(torch.autograd.Function):
         # float64 statistics on the numba kernels: y and the backward form x - mean from this
         # mean (a float32-rounded one is off by ~6e-8 |mean|, 5% of the std at mean 1e4, std 1e-2)
         mean_b, var_b = ops.channel_stats(x, stats64=True)
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        compute = ops._compute_dtype(x)
         sigma_b = torch.sqrt(var_b.to(torch.float64) + eps)
         sigma = torch.sqrt(running_var.to(torch.float64) + eps)
         r = (sigma_b / sigma).clamp(1.0 / r_max, r_max)
